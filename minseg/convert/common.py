@@ -1,0 +1,96 @@
+"""What every converter shares: reading a checkpoint safely, ordered rename rules, named drops, validation.
+
+A converter is a list of (pattern, replacement) regex rules applied in order to each key (first match
+wins, like DETR's converter) plus a list of (pattern, reason) drops. Every source key must be renamed or
+dropped by a named rule; the result must match the target model's keys and shapes exactly.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import torch
+
+from minseg.errors import CheckpointError
+from minseg.weights import describe_mismatch, group_keys
+
+Rule = tuple[str, str]     # (regex, replacement)
+Drop = tuple[str, str]     # (regex, reason)
+
+
+def read_torch_checkpoint(path: str | os.PathLike) -> object:
+    """torch.load(weights_only=True) of a .pth/.pt file (zip or legacy format); CheckpointError on any failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
+        raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint: {first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
+            KeyError, IndexError, ImportError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def as_state_dict(obj: object, where: str, nested: tuple[str, ...] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
+    """The flat {name: tensor} inside a loaded checkpoint (a plain state dict, or one under 'state_dict'/'model')."""
+    if isinstance(obj, dict):
+        for key in nested:
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{where}: not a state dict (got {type(obj).__name__})")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{where}: not a state dict; non-tensor entries: {group_keys([str(k) for k in bad])}")
+    return dict(obj)
+
+
+def load_source(checkpoint: str | os.PathLike | dict, reader=read_torch_checkpoint) -> tuple[dict, str]:
+    """(state dict, description) from a path or an in-memory dict."""
+    if isinstance(checkpoint, dict):
+        return as_state_dict(checkpoint, "state dict"), "state dict"
+    if not isinstance(checkpoint, (str, os.PathLike)):
+        raise CheckpointError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+    return as_state_dict(reader(checkpoint), str(checkpoint)), str(checkpoint)
+
+
+def rename(state: dict[str, torch.Tensor], rules: list[Rule], drops: list[Drop], where: str) -> dict[str, torch.Tensor]:
+    """Apply named drops, then the first matching rename rule, to every key. Unmatched keys are an error."""
+    out: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, value in state.items():
+        if any(re.fullmatch(pattern, key) for pattern, _ in drops):
+            continue
+        for pattern, replacement in rules:
+            if re.fullmatch(pattern, key):
+                out[re.sub(f"^{pattern}$", replacement, key)] = value
+                break
+        else:
+            unmatched.append(key)
+    if unmatched:
+        raise CheckpointError(f"{where}: keys no rule accounts for (wrong architecture?): {group_keys(unmatched)}")
+    return out
+
+
+def validate(state: dict[str, torch.Tensor], arch: str, where: str, **overrides) -> dict[str, torch.Tensor]:
+    """Check `state` against create_model(arch, **overrides) built on the meta device (keys, shapes); cast dtypes."""
+    from minseg.registry import create_model
+
+    with torch.device("meta"):
+        expected = create_model(arch, **overrides).state_dict()
+    problems = describe_mismatch(expected, state)
+    if problems:
+        raise CheckpointError(f"{where}: does not convert to {arch}: {problems}")
+    bad_dtype = [k for k, v in state.items() if v.is_floating_point() != expected[k].is_floating_point()]
+    if bad_dtype:
+        raise CheckpointError(f"{where}: wrong dtype (float vs integer) for {group_keys(bad_dtype)}")
+    return {k: state[k].to(expected[k].dtype) for k in expected}  # the model's key order and dtypes

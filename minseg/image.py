@@ -1,0 +1,71 @@
+"""Reading user images and the originals' preprocessing, shared by every model's predict()."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def load_rgb(image) -> Image.Image:
+    """A path, PIL image or uint8 HxWx3 array -> PIL RGB image. EXIF orientation is applied for files
+    (what a viewer shows); grayscale, palette and RGBA are converted to RGB (alpha dropped)."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such image file")
+        try:
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im)
+                im.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+        image = im
+    if isinstance(image, Image.Image):
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(image, dtype=np.float64)
+            image = Image.fromarray((arr / max(arr.max(), 1) * 255).round().astype(np.uint8))
+        return image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an RGB uint8 array of shape (H, W, 3), got {image.dtype} {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image), "RGB")
+    raise TypeError(f"expected an image path, PIL image or uint8 HxWx3 array, got {type(image).__name__}")
+
+
+def load_rgb_list(images) -> list[Image.Image]:
+    """One image or a list of them -> list of PIL RGB images."""
+    if isinstance(images, (list, tuple)):
+        return [load_rgb(im) for im in images]
+    return [load_rgb(images)]
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> Tensor[3, H, W] float in 0..1."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+
+
+def resize_shorter(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, aspect kept, PIL bilinear (torchvision's F.resize(img, [size]) on a PIL image)."""
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    if short == size:
+        return image
+    new_short, new_long = size, int(size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    return image.resize((new_w, new_h), Image.BILINEAR)
+
+
+def semantic_preprocess(image: Image.Image, resize: int) -> torch.Tensor:
+    """torchvision's SemanticSegmentation transform: resize shorter side, to 0..1, ImageNet mean/std. -> Tensor[3, h, w]."""
+    x = to_tensor(resize_shorter(image, resize))
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std

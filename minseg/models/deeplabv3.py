@@ -1,0 +1,37 @@
+"""DeepLabV3 (Chen et al. 2017) on a dilated ResNet, as torchvision.models.segmentation builds it.
+
+Same stride-8 backbone and output path as FCN (models/fcn.py); the head is ASPP followed by a
+3x3 conv-BN-ReLU and a 1x1 classifier.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from minseg.models.fcn import FCNHead, SegmentationNet, fcn_backbone
+from minseg.necks.aspp import ASPP
+from minseg.ops.layers import ConvNormAct
+
+
+class DeepLabHead(nn.Module):
+    def __init__(self, cin: int, num_classes: int, rates: tuple[int, ...] = (12, 24, 36)):
+        super().__init__()
+        self.aspp = ASPP(cin, rates, 256)
+        self.block = ConvNormAct(256, 256, 3)
+        self.classifier = nn.Conv2d(256, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.block(self.aspp(x)))
+
+
+def deeplabv3(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
+    aux = FCNHead(1024, num_classes) if aux_loss else None
+    return SegmentationNet(fcn_backbone(depth), DeepLabHead(2048, num_classes), aux)
+
+
+def deeplabv3_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
+    return deeplabv3(50, num_classes, aux_loss)
+
+
+def deeplabv3_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
+    return deeplabv3(101, num_classes, aux_loss)

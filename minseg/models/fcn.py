@@ -1,0 +1,90 @@
+"""FCN (Long et al. 2015) on a dilated ResNet, as torchvision.models.segmentation builds it.
+
+The backbone keeps stride 8 (layer3 and layer4 dilated); a 3x3 conv head predicts classes at 1/8 and the
+logits are bilinearly upsampled to the input size. An optional auxiliary head on c4 (`aux_loss=True`)
+gives a second prediction used as a training loss.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minseg.backbones.resnet import ResNet, resnet
+from minseg.ops.layers import ConvNormAct
+
+
+class FCNHead(nn.Module):
+    """3x3 conv-BN-ReLU to cin/4 channels, dropout 0.1, 1x1 conv to classes (torchvision's FCNHead)."""
+
+    def __init__(self, cin: int, num_classes: int):
+        super().__init__()
+        self.block = ConvNormAct(cin, cin // 4, 3)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Conv2d(cin // 4, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.block(x)))
+
+
+class SegmentationNet(nn.Module):
+    """backbone -> head on c5 (and aux_head on c4) -> bilinear upsampling to the input size.
+
+    model(x: Tensor[N, 3, H, W]) -> {"out": Tensor[N, C, H, W]} (+ "aux" when built with an aux head).
+    """
+
+    def __init__(self, backbone: ResNet, head: nn.Module, aux_head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.aux_head = aux_head
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(x)
+        N, C, H, W = x.shape
+        features = self.backbone(x)
+        out = {"out": F.interpolate(self.head(features["c5"]), size=(H, W), mode="bilinear", align_corners=False)}
+        if self.aux_head is not None:
+            out["aux"] = F.interpolate(self.aux_head(features["c4"]), size=(H, W), mode="bilinear", align_corners=False)
+        return out
+
+    @torch.no_grad()
+    def predict(self, images) -> list[dict[str, torch.Tensor]]:
+        """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image {"labels": Tensor[H, W] int64,
+        "probs": Tensor[C, H, W]} at the image's own size, with torchvision's preprocessing (shorter side 520)."""
+        from minseg.image import load_rgb_list, semantic_preprocess
+
+        outputs = []
+        for image in load_rgb_list(images):
+            x = semantic_preprocess(image, 520).to(next(self.parameters()).device)
+            logits = self(x[None])["out"]
+            logits = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)[0]
+            probs = logits.softmax(0)
+            outputs.append({"labels": probs.argmax(0), "probs": probs})
+        return outputs
+
+
+def check_images(x: torch.Tensor, channels: int = 3) -> None:
+    """Clear errors for inputs a network cannot take: wrong rank, channel count, dtype, non-finite values."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a Tensor[N, {channels}, H, W], got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"expected a Tensor[N, {channels}, H, W], got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected a floating-point image tensor, got {x.dtype} (convert and normalise it first)")
+
+
+def fcn_backbone(depth: int) -> ResNet:
+    return resnet(depth, replace_stride_with_dilation=(False, True, True))
+
+
+def fcn(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
+    return SegmentationNet(fcn_backbone(depth), FCNHead(2048, num_classes), FCNHead(1024, num_classes) if aux_loss else None)
+
+
+def fcn_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
+    return fcn(50, num_classes, aux_loss)
+
+
+def fcn_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
+    return fcn(101, num_classes, aux_loss)

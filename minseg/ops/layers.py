@@ -1,0 +1,76 @@
+"""Small layers shared by every family: frozen batch norm and conv helpers."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (all buffers, never trained).
+
+    Two originals compute the same normalisation in two float orders, and parity needs each one:
+      arithmetic="affine":     x * scale + shift, scale = w * rsqrt(var + eps)  (torchvision.ops.misc)
+      arithmetic="batch_norm": F.batch_norm(x, mean, var, w, b, eps)           (detectron2 layers/batch_norm.py
+                               under no_grad, where it calls the fused op)
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, arithmetic: str = "affine"):
+        super().__init__()
+        if arithmetic not in ("affine", "batch_norm"):
+            raise ValueError(f"arithmetic must be 'affine' or 'batch_norm', got {arithmetic!r}")
+        self.eps = eps
+        self.arithmetic = arithmetic
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # kept: checkpoints written from nn.BatchNorm2d carry this counter; a frozen norm has no use for it
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.arithmetic == "batch_norm":
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, arithmetic={self.arithmetic}"
+
+
+def make_norm(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
+    """'bn' -> nn.BatchNorm2d, 'frozen' -> FrozenBatchNorm2d (affine), 'frozen_bn' -> FrozenBatchNorm2d via F.batch_norm,
+    'gn' -> GroupNorm(32)."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels, eps=eps)
+    if kind == "frozen":
+        return FrozenBatchNorm2d(channels, eps=eps, arithmetic="affine")
+    if kind == "frozen_bn":
+        return FrozenBatchNorm2d(channels, eps=eps, arithmetic="batch_norm")
+    if kind == "gn":
+        return nn.GroupNorm(32, channels, eps=eps)
+    raise ValueError(f"unknown norm {kind!r}; expected 'bn', 'frozen', 'frozen_bn' or 'gn'")
+
+
+def set_norm_eps(module: nn.Module, eps: float) -> nn.Module:
+    """Set eps on every batch norm (frozen or not) inside `module`; returns it for chaining."""
+    for m in module.modules():
+        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+            m.eps = eps
+    return module
+
+
+class ConvNormAct(nn.Sequential):
+    """conv (no bias) -> norm -> ReLU, indexed 0/1/2 like torchvision's Conv2dNormActivation."""
+
+    def __init__(self, cin: int, cout: int, kernel_size: int = 3, stride: int = 1, dilation: int = 1,
+                 norm: str = "bn", act: bool = True):
+        padding = (kernel_size - 1) // 2 * dilation
+        layers = [nn.Conv2d(cin, cout, kernel_size, stride, padding, dilation=dilation, bias=False), make_norm(norm, cout)]
+        if act:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)

@@ -1,0 +1,89 @@
+"""minseg's own weight files: safetensors with metadata (arch, source, minseg_version, overrides)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minseg.errors import CheckpointError
+
+VERSION = "0.1.0"
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path) and rename the result onto `path`; nothing is left behind on failure."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, *, arch: str, source: str,
+                 overrides: dict | None = None) -> None:
+    """Write a converted state dict as .safetensors, atomically, with arch/source/version metadata."""
+    from safetensors.torch import save_file
+
+    meta = {"arch": arch, "source": source, "minseg_version": VERSION, "overrides": json.dumps(overrides or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) of a minseg .safetensors file; CheckpointError if it is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+    if "arch" not in meta:
+        raise CheckpointError(f"{path}: safetensors file has no minseg metadata (convert it with `minseg convert`)")
+    return state, meta
+
+
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """load_state_dict(strict=True), turning every mismatch into one CheckpointError that lists the keys, grouped."""
+    problems = describe_mismatch(model.state_dict(), state)
+    if problems:
+        raise CheckpointError(f"{what} does not fit {type(model).__name__}: {problems}")
+    model.load_state_dict(state, strict=True)
+
+
+def describe_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """'' when `got` has exactly the keys and shapes of `expected`; otherwise a readable summary."""
+    missing = [k for k in expected if k not in got]
+    extra = [k for k in got if k not in expected]
+    shapes = [f"{k} expects {tuple(expected[k].shape)} but got {tuple(got[k].shape)}"
+              for k in expected if k in got and expected[k].shape != got[k].shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {group_keys(missing)}")
+    if extra:
+        parts.append(f"{len(extra)} unexpected keys: {group_keys(extra)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:8]) + (" ..." if len(shapes) > 8 else ""))
+    return "; ".join(parts)
+
+
+def group_keys(keys: list[str], limit: int = 12) -> str:
+    """Group keys by their prefix before the last dot: 'a.b.{weight,bias}, c.d.weight'."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        head, _, tail = k.rpartition(".")
+        groups.setdefault(head, []).append(tail)
+    items = [f"{h}.{{{','.join(t)}}}" if len(t) > 1 else (f"{h}.{t[0]}" if h else t[0]) for h, t in groups.items()]
+    return ", ".join(items[:limit]) + (f" ... (+{len(items) - limit} more groups)" if len(items) > limit else "")
