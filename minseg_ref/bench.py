@@ -1,0 +1,112 @@
+"""`minseg bench`: minseg against its original on the same weights and input, alternating in one process.
+
+Reports medians of `repeats` timed runs per side (after one warm-up each), the ratio minseg/original,
+and on CUDA the peak memory of each side. For YOLACT and Panoptic FPN, whose originals cannot be
+installed here, minseg's absolute time is reported with the published figure for context.
+"""
+from __future__ import annotations
+
+import importlib
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+SEMANTIC = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"]
+
+
+@dataclass
+class BenchRow:
+    model: str
+    device: str
+    input: str
+    ours_ms: float
+    original_ms: float | None      # None where the original cannot run here
+    ours_peak_mb: float | None = None
+    original_peak_mb: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.original_ms is None else self.ours_ms / self.original_ms
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> tuple[float, float | None]:
+    """(milliseconds, peak MB on CUDA) of one call."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    sync(device)
+    ms = (time.perf_counter() - start) * 1000
+    return ms, (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+
+
+def alternate(ours, original, device: str, repeats: int) -> tuple[float, float, float | None, float | None]:
+    """ABAB-interleaved medians: (ours ms, original ms, ours peak MB, original peak MB)."""
+    timed(ours, device), timed(original, device)  # warm-up
+    a, b, pa, pb = [], [], [], []
+    for _ in range(repeats):
+        t, p = timed(ours, device); a.append(t); pa.append(p)
+        t, p = timed(original, device); b.append(t); pb.append(p)
+    peak = (lambda ps: max(ps) if ps[0] is not None else None)
+    return statistics.median(a), statistics.median(b), peak(pa), peak(pb)
+
+
+def bench_semantic(name: str, device: str, repeats: int) -> BenchRow:
+    from minseg_ref.parity_semantic import build_pair
+
+    ref, ours = build_pair(name, seed=0)
+    ref, ours = ref.to(device), ours.to(device)
+    x = torch.randn(1, 3, 520, 520, device=device)
+    t_ours, t_ref, p_ours, p_ref = alternate(lambda: ours(x), lambda: ref(x), device, repeats)
+    return BenchRow(name, device, "1x3x520x520", t_ours, t_ref, p_ours, p_ref)
+
+
+def family_benches() -> dict:
+    """model name -> function(device, repeats) -> BenchRow, from each family's minseg_ref.bench_* module."""
+    benches = {name: (lambda device, repeats, name=name: bench_semantic(name, device, repeats)) for name in SEMANTIC}
+    for module_name in ["minseg_ref.bench_unet", "minseg_ref.bench_maskrcnn", "minseg_ref.bench_yolact", "minseg_ref.bench_panoptic"]:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                continue
+            raise
+        benches.update(module.BENCHES)
+    return benches
+
+
+def run(models: list[str] | None, device: str = "cpu", ops: bool = False, repeats: int = 3) -> list[BenchRow]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    benches = family_benches()
+    unknown = [m for m in models or [] if m not in benches]
+    if unknown:
+        raise ValueError(f"no benchmark for {', '.join(unknown)}; available: {', '.join(benches)}")
+    rows = [benches[m](device, repeats) for m in (models or list(benches))]
+    if ops:
+        from minseg_ref.bench_ops import bench_ops
+
+        rows += [BenchRow(r["name"], device, r.get("input", ""), r["ours_ms"], r["original_ms"]) for r in bench_ops(device)]
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    header = f"{'model':<28} {'device':<6} {'input':<22} {'minseg ms':>10} {'original ms':>11} {'ratio':>6} {'peak MB (ours/orig)':>20}  note"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        peak = f"{fmt(r.ours_peak_mb, '.0f')}/{fmt(r.original_peak_mb, '.0f')}"
+        lines.append(f"{r.model:<28} {r.device:<6} {r.input:<22} {r.ours_ms:>10.1f} {fmt(r.original_ms, '11.1f'):>11} "
+                     f"{fmt(r.ratio, '.3f'):>6} {peak:>20}  {r.note}")
+    lines.append("ratio = minseg time / original time (median of interleaved runs; < 1 means minseg is faster)")
+    return "\n".join(lines)
