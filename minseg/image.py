@@ -10,11 +10,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_SIDE = 16384  # longest side accepted after a resize (a 1x2000 strip would otherwise become 520x1040000)
 
 
 def load_rgb(image) -> Image.Image:
-    """A path, PIL image or uint8 HxWx3 array -> PIL RGB image. EXIF orientation is applied for files
-    (what a viewer shows); grayscale, palette and RGBA are converted to RGB (alpha dropped)."""
+    """A path, PIL image or uint8 HxWx3 array -> PIL RGB image.
+
+    Files get their EXIF orientation applied (what a viewer shows). Grayscale, palette, CMYK and RGBA
+    are converted with PIL's `convert("RGB")` (alpha dropped), as torchvision's PIL pipeline does;
+    16-bit images are scaled to 8 bits by value / 257 (65535 -> 255), as OpenCV's 8-bit read does.
+    """
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
@@ -29,7 +34,9 @@ def load_rgb(image) -> Image.Image:
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(image, dtype=np.float64)
-            image = Image.fromarray((arr / max(arr.max(), 1) * 255).round().astype(np.uint8))
+            image = Image.fromarray((arr / 257).round().clip(0, 255).astype(np.uint8))
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"empty image ({image.width}x{image.height})")
         return image.convert("RGB")
     if isinstance(image, torch.Tensor):
         image = image.cpu().numpy()
@@ -59,6 +66,9 @@ def resize_shorter(image: Image.Image, size: int) -> Image.Image:
     if short == size:
         return image
     new_short, new_long = size, int(size * long / short)
+    if new_long > MAX_SIDE:
+        raise ValueError(f"image of {w}x{h} is too elongated: its shorter side resized to {size} makes the longer "
+                         f"{new_long} px (limit {MAX_SIDE}); crop it first")
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     return image.resize((new_w, new_h), Image.BILINEAR)
 
