@@ -65,6 +65,14 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_download(args) -> int:
+    from minseg.download import download
+
+    for name in args.names:
+        print(download(name, manifest=args.manifest, force=args.force))
+    return 0
+
+
 def cmd_parity(args) -> int:
     from minseg_ref.parity import format_table, run
 
@@ -94,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input", help="the original's checkpoint (.pth, .pt, .pkl)")
     p.add_argument("output", help="where to write the .safetensors file (written atomically)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("download", help="fetch an official checkpoint, verify its hash, convert and cache it")
+    p.add_argument("names", nargs="+", help="model names (see weights/manifest.json)")
+    p.add_argument("--manifest", help="another manifest file (default: weights/manifest.json)")
+    p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("predict", help="run a model on images; writes overlay PNGs and JSON")
     p.add_argument("--model", required=True)
@@ -125,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"minseg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # network or disk trouble, e.g. urllib.error.URLError
+        print(f"minseg {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:
         print(f"minseg {args.command}: error: {e.name} is needed for this command (pip install -e '.[test]')", file=sys.stderr)

@@ -10,12 +10,15 @@ import torch
 
 from minseg.errors import CheckpointError
 from minseg.models import deeplabv3, fcn
+from minseg.models import yolact
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "fcn_resnet50": fcn.fcn_resnet50,
     "fcn_resnet101": fcn.fcn_resnet101,
     "deeplabv3_resnet50": deeplabv3.deeplabv3_resnet50,
     "deeplabv3_resnet101": deeplabv3.deeplabv3_resnet101,
+    "yolact_resnet50": yolact.yolact_resnet50,
+    "yolact_resnet101": yolact.yolact_resnet101,
 }
 
 
@@ -26,8 +29,9 @@ def list_models() -> list[str]:
 def create_model(name: str, *, weights: str | None = None, **overrides) -> torch.nn.Module:
     """Build model `name` (random init), then load a minseg .safetensors file if `weights` is given.
 
-    Overrides recorded in the weight file at conversion (e.g. num_classes) are applied first; explicit
-    `overrides` win. The model is returned in eval mode.
+    `weights="official"` downloads, verifies and converts the checkpoint listed in weights/manifest.json
+    (cached; see minseg/download.py). Overrides recorded in the weight file at conversion (e.g.
+    num_classes) are applied first; explicit `overrides` win. The model is returned in eval mode.
     """
     if name not in MODELS:
         close = difflib.get_close_matches(name, MODELS, n=3, cutoff=0.4)
@@ -35,6 +39,10 @@ def create_model(name: str, *, weights: str | None = None, **overrides) -> torch
         raise ValueError(f"unknown model {name!r}{hint}")
     builder = MODELS[name]
     state = None
+    if weights == "official":
+        from minseg.download import download
+
+        weights = str(download(name))
     if weights is not None:
         from minseg.weights import load_weights
 
