@@ -59,3 +59,14 @@ def test_cli_download(official, tmp_path):
     assert (tmp_path / "cache" / "fcn_resnet50.safetensors").is_file()
     r = subprocess.run([sys.executable, "-m", "minseg", "download", "unet_resnet34"], capture_output=True, text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_torch_hub_local(official):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    model = torch.hub.load(str(repo), "fcn_resnet50", source="local", weights="official")
+    ref = official[0]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x)["out"], ref(x)["out"])
