@@ -77,3 +77,11 @@ def test_parity_cuda(name):
     tally = Tally()
     compare(ref, ours, torch.randn(2, 3, 333, 517, device="cuda"), tally)
     assert tally.max_rel <= TOLERANCE, (tally.max_abs, tally.max_rel)
+
+
+def test_channels_last_same_outputs():
+    ref, ours = build_pair("deeplabv3_resnet50", num_classes=3, aux_loss=True, seed=6)
+    ours = ours.to(memory_format=torch.channels_last)
+    tally = Tally()
+    compare(ref, ours, torch.randn(1, 3, 67, 45).contiguous(memory_format=torch.channels_last), tally)
+    assert tally.max_rel <= TOLERANCE, (tally.max_abs, tally.max_rel)
