@@ -1,0 +1,186 @@
+"""YOLACT (Bolya et al. 2019): real-time instance segmentation as prototypes x per-detection coefficients.
+
+A one-stage detector (ResNet + FPN P3-P7 + one head shared across levels, 3 square priors per location)
+predicts, for every prior, box offsets, class scores and 32 mask coefficients. A separate protonet turns P3
+into 32 prototype masks for the whole image. After Fast NMS each detection's mask is
+sigmoid(prototypes @ coefficients), cropped to its box and resized to the image.
+
+Follows dbolya/yolact (yolact.py, layers/functions/detection.py, layers/output_utils.py,
+utils/augmentations.py FastBaseTransform) at commit 902073d with the yolact_resnet50 / yolact_base configs,
+in the original's float order so results are bitwise equal on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minseg.backbones.resnet import ResNet, resnet
+from minseg.heads.yolact import PredictionHead, ProtoNet
+from minseg.models.fcn import check_images
+from minseg.necks.yolact_fpn import YolactFPN
+from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
+from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordinates, yolact_priors
+
+# FastBaseTransform's normalisation (data/config.py MEANS/STD, listed there in BGR order), here in RGB order
+MEAN_RGB = (123.68, 116.78, 103.94)
+STD_RGB = (58.40, 57.12, 57.38)
+
+
+@dataclass(frozen=True)
+class YolactConfig:
+    depth: int = 101                                   # ResNet depth: 101 for yolact_base, 50 for yolact_resnet50
+    num_classes: int = 81                              # including background (class 0), like the original's cfg
+    max_size: int = 550                                # input side; also normalises the prior sizes
+    scales: tuple[int, ...] = (24, 48, 96, 192, 384)   # prior side in pixels at P3..P7
+    aspect_ratios: tuple[float, ...] = (1, 1 / 2, 2)
+    num_prototypes: int = 32
+    conf_thresh: float = 0.05                          # a prior is a candidate if its best class score is above this
+    nms_thresh: float = 0.5                            # Fast NMS keeps IoU <= this
+    top_k: int = 200                                   # candidates per class compared by Fast NMS
+    max_detections: int = 100
+    cross_class_nms: bool = False                      # eval.py's --cross_class_nms
+
+
+class Yolact(nn.Module):
+    """model(x: Tensor[N, 3, S, S] preprocessed) -> {"loc": Tensor[N, P, 4], "conf": Tensor[N, P, C] (softmax),
+    "mask": Tensor[N, P, k] (tanh), "priors": Tensor[P, 4] (cx, cy, w, h relative), "proto": Tensor[N, S/4, S/4, k]}:
+    the original's network outputs before Detect. postprocess() turns them into instances.
+    """
+
+    def __init__(self, cfg: YolactConfig, backbone: ResNet, fpn: YolactFPN, protonet: ProtoNet, head: PredictionHead):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.fpn = fpn
+        self.protonet = protonet
+        self.head = head
+        self._priors: dict[tuple, torch.Tensor] = {}   # per (level sizes, device); a cache, not state
+
+    def priors(self, sizes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+        """priors_cxcywh Tensor[P, 4] for FPN levels of the given (H, W) sizes."""
+        key = (tuple(sizes), str(device))
+        if key not in self._priors:
+            cfg = self.cfg
+            self._priors[key] = yolact_priors(sizes, cfg.scales, cfg.aspect_ratios, cfg.max_size, device=device)
+        return self._priors[key]
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_images(x)
+        # backbone and FPN
+        c = self.backbone(x)
+        levels = self.fpn(c["c3"], c["c4"], c["c5"])
+        # prototypes from P3
+        proto = self.protonet(levels[0])
+        # shared head on every level, concatenated P3..P7
+        loc, conf, mask = zip(*(self.head(p) for p in levels))
+        priors = self.priors([tuple(p.shape[-2:]) for p in levels], x.device)
+        return {"loc": torch.cat(loc, 1), "conf": torch.cat(conf, 1).softmax(-1), "mask": torch.cat(mask, 1),
+                "priors": priors, "proto": proto}
+
+    def detect(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The original's Detect: per image, decode, keep priors whose best foreground score > conf_thresh,
+        Fast NMS. -> per image {"boxes_rel": Tensor[K, 4] (x1y1x2y2 relative, unclipped), "labels": Tensor[K]
+        (0..C-2), "scores": Tensor[K] (descending), "coeffs": Tensor[K, k]}.
+        """
+        cfg = self.cfg
+        conf = outputs["conf"].transpose(2, 1)  # (N, C, P)
+        detections = []
+        for b in range(conf.shape[0]):  # per image, as the original (decode included: same float chunks)
+            boxes = decode_yolact(outputs["loc"][b], outputs["priors"])
+            scores = conf[b, 1:, :]  # (C-1, P), background dropped
+            keep = scores.max(dim=0).values > cfg.conf_thresh
+            scores, boxes, coeffs = scores[:, keep], boxes[keep], outputs["mask"][b, keep]
+            if cfg.cross_class_nms:
+                index, labels, scores = cross_class_fast_nms(boxes, scores, cfg.nms_thresh, cfg.top_k)
+            else:
+                index, labels, scores = fast_nms(boxes, scores, cfg.nms_thresh, cfg.top_k, cfg.max_detections)
+            detections.append({"boxes_rel": boxes[index], "labels": labels, "scores": scores, "coeffs": coeffs[index]})
+        return detections
+
+    def postprocess(self, outputs: dict[str, torch.Tensor], sizes: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Network outputs + each image's (height, width) -> per image {"boxes": Tensor[K, 4] absolute xyxy floats,
+        "labels": Tensor[K] int64 in 0..C-2, "scores": Tensor[K], "masks": Tensor[K, height, width] bool}.
+
+        The original's layers/output_utils.py postprocess (crop on, no score threshold); its int boxes are
+        these boxes truncated.
+        """
+        if len(sizes) != outputs["proto"].shape[0]:
+            raise ValueError(f"got {len(sizes)} sizes for a batch of {outputs['proto'].shape[0]} images")
+        with torch.autocast(outputs["proto"].device.type, enabled=False):  # float32 masks and boxes
+            return [instances(det, proto.float(), int(h), int(w))
+                    for det, proto, (h, w) in zip(self.detect(outputs), outputs["proto"], sizes)]
+
+    def preprocess(self, rgb) -> torch.Tensor:
+        """An RGB uint8 HxWx3 image (array, PIL or path) -> Tensor[1, 3, S, S], the original's FastBaseTransform:
+        bilinear resize of the 0..255 floats to S x S (no antialias, aspect not kept), then mean/std.
+
+        The original starts from cv2's BGR and flips to RGB at the end; the resize and normalisation act per
+        channel, so doing them in RGB order gives the same numbers.
+        """
+        from minseg.image import load_rgb
+
+        image = torch.from_numpy(np.asarray(load_rgb(rgb), dtype=np.uint8).copy())
+        device = next(self.parameters()).device
+        x = image.to(device).float()[None].permute(0, 3, 1, 2).contiguous()  # (1, 3, H, W)
+        S = self.cfg.max_size
+        x = F.interpolate(x, (S, S), mode="bilinear", align_corners=False)
+        mean = torch.tensor(MEAN_RGB, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD_RGB, device=device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def predict(self, images) -> list[dict[str, torch.Tensor]]:
+        """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the postprocess() dict at the
+        image's own size, as eval.py --image computes it."""
+        from minseg.image import load_rgb_list
+
+        results = []
+        for image in load_rgb_list(images):
+            outputs = self(self.preprocess(image))
+            results.extend(self.postprocess(outputs, [(image.height, image.width)]))
+        return results
+
+
+def instances(det: dict[str, torch.Tensor], proto: torch.Tensor, h: int, w: int) -> dict[str, torch.Tensor]:
+    """One image's detections + prototypes Tensor[S, S, k] -> boxes, labels, scores, masks at (h, w)."""
+    boxes_rel, coeffs = det["boxes_rel"].float(), det["coeffs"].float()
+    K = boxes_rel.shape[0]
+    if K == 0:
+        return {"boxes": boxes_rel.new_zeros(0, 4), "labels": det["labels"], "scores": det["scores"].float(),
+                "masks": torch.zeros(0, h, w, dtype=torch.bool, device=proto.device)}
+    # masks: one matmul (kept as the original's layout for bitwise parity), sigmoid, crop in prototype pixels
+    masks = torch.sigmoid(proto @ coeffs.t())  # (S, S, K)
+    masks = crop_masks(masks, boxes_rel)
+    masks = masks.permute(2, 0, 1).contiguous()  # (K, S, S)
+    masks = F.interpolate(masks[None], (h, w), mode="bilinear", align_corners=False)[0] > 0.5  # (K, h, w)
+    # boxes: to pixels, ordered, clamped to the image
+    x1, x2 = sanitize_coordinates(boxes_rel[:, 0], boxes_rel[:, 2], w)
+    y1, y2 = sanitize_coordinates(boxes_rel[:, 1], boxes_rel[:, 3], h)
+    return {"boxes": torch.stack([x1, y1, x2, y2], 1), "labels": det["labels"], "scores": det["scores"].float(),
+            "masks": masks}
+
+
+def yolact(cfg: YolactConfig) -> Yolact:
+    backbone = resnet(cfg.depth, norm="bn")  # the torchvision layout with plain BatchNorm2d (backbone.py)
+    fpn = YolactFPN((512, 1024, 2048))
+    num_anchors = len(cfg.aspect_ratios)
+    head = PredictionHead(256, num_anchors, cfg.num_classes, cfg.num_prototypes)
+    return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head)
+
+
+def yolact_resnet50(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
+                    max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+    """The original's yolact_resnet50_config: ResNet-50, 550 px."""
+    return yolact(YolactConfig(50, num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
+                               max_detections=max_detections, cross_class_nms=cross_class_nms))
+
+
+def yolact_resnet101(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
+                     max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+    """The original's yolact_base_config: ResNet-101, 550 px."""
+    return yolact(YolactConfig(101, num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
+                               max_detections=max_detections, cross_class_nms=cross_class_nms))

@@ -1,0 +1,79 @@
+"""Fast NMS (Bolya et al., YOLACT 2019): NMS as one matrix operation.
+
+Classic NMS visits boxes in score order and drops a box if a *kept* higher-scored box overlaps it.
+Fast NMS drops a box if *any* higher-scored box overlaps it (kept or not), which turns the loop into
+`triu(IoU).max(dim=0) <= threshold`. It suppresses slightly more, and runs as a few batched tensor ops.
+
+Follows dbolya/yolact layers/functions/detection.py (fast_nms, cc_fast_nms) and box_utils.py (jaccard),
+with the same sorts and float order so detections match the original exactly. Boxes are xyxy in any
+consistent unit (YOLACT passes relative boxes_rel).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """Pairwise IoU per batch: Tensor[B, N, 4], Tensor[B, M, 4] xyxy -> Tensor[B, N, M].
+
+    No +1 on widths and no epsilon (box_utils.py jaccard); two empty boxes give NaN, as in the original.
+    """
+    max_xy = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])  # (B, N, M, 2)
+    min_xy = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])  # (B, N, M, 2)
+    inter = torch.clamp(max_xy - min_xy, min=0).prod(3)
+    area1 = ((boxes1[:, :, 2] - boxes1[:, :, 0]) * (boxes1[:, :, 3] - boxes1[:, :, 1]))[:, :, None]  # (B, N, 1)
+    area2 = ((boxes2[:, :, 2] - boxes2[:, :, 0]) * (boxes2[:, :, 3] - boxes2[:, :, 1]))[:, None, :]  # (B, 1, M)
+    return inter / (area1 + area2 - inter)
+
+
+def _empty(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    index = torch.zeros(0, dtype=torch.int64, device=scores.device)
+    return index, index.clone(), scores.new_zeros(0)
+
+
+def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5, top_k: int = 200,
+             max_detections: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-class Fast NMS, YOLACT's evaluation default.
+
+    boxes: Tensor[N, 4] xyxy candidates; scores: Tensor[C, N] per-class scores of each candidate.
+    Per class, the `top_k` highest-scored candidates are compared; a candidate survives when its IoU with
+    every higher-scored candidate of its class is <= iou_threshold. Survivors of all classes are sorted by
+    score and the first `max_detections` returned. There is no score threshold here (YOLACT filters
+    candidates by their best class score before calling this), so a low class score can survive.
+    Returns (index Tensor[K] into boxes, class Tensor[K] in 0..C-1, score Tensor[K]), scores descending.
+    """
+    C, N = scores.shape
+    if N == 0:
+        return _empty(scores)
+    scores, order = scores.sort(1, descending=True)
+    order = order[:, :top_k].contiguous()  # (C, D)
+    scores = scores[:, :top_k]
+    D = order.shape[1]
+    candidates = boxes[order.view(-1), :].view(C, D, 4)  # (C, D, 4)
+
+    iou = batched_box_iou(candidates, candidates).triu_(diagonal=1)  # only pairs (higher-scored i, lower j)
+    keep = iou.max(dim=1).values <= iou_threshold  # (C, D)
+
+    classes = torch.arange(C, device=boxes.device)[:, None].expand_as(keep)[keep]  # class-major flatten
+    order, scores = order[keep], scores[keep]
+    scores, best = scores.sort(0, descending=True)
+    best = best[:max_detections]
+    return order[best], classes[best], scores[:max_detections]
+
+
+def cross_class_fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5,
+                         top_k: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class-agnostic Fast NMS (YOLACT's --cross_class_nms): each candidate takes its best class, the `top_k`
+    best candidates are compared regardless of class. No max_detections cap, as in the original.
+
+    boxes: Tensor[N, 4] xyxy; scores: Tensor[C, N]. Returns (index Tensor[K] into boxes, class Tensor[K],
+    score Tensor[K]), scores descending.
+    """
+    if scores.shape[1] == 0:
+        return _empty(scores)
+    scores, classes = scores.max(dim=0)
+    order = scores.sort(0, descending=True)[1][:top_k]
+    candidates = boxes[order][None]  # (1, D, 4)
+    iou = batched_box_iou(candidates, candidates)[0].triu_(diagonal=1)
+    order = order[iou.max(dim=0).values <= iou_threshold]
+    return order, classes[order], scores[order]

@@ -1,0 +1,151 @@
+"""Parity of yolact_resnet50 against outputs recorded by running dbolya/yolact (shared/parity/yolact_resnet50).
+
+The synthetic checkpoint is rebuilt from the fixture's keys.tsv with the shared recipe (synth.py, overrides from
+meta.json), written the way the original writes weights (torch.save of the plain state dict), converted with
+minseg.convert("yolact", ...) and run on the recorded inputs. Every recorded stage is compared.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import minseg
+from minseg_ref.common import ParityRow, Tally, diff, fixture_dir, load_synth
+
+FIXTURE = "yolact_resnet50"
+ORIGINAL = "dbolya/yolact fixture"
+TOLERANCE = 1e-6  # max rel diff per float tensor: float32 rounding (bitwise is expected with 2 threads)
+POST_SIZES = {"post640x480": (480, 640), "post160x120": (120, 160)}  # (h, w)
+
+
+def load_fixture(name: str = FIXTURE) -> tuple[dict[str, torch.Tensor], dict, Path]:
+    """(recorded tensors, meta.json, folder); FileNotFoundError naming the place looked in when absent."""
+    from safetensors.torch import load_file
+
+    folder = fixture_dir(name)
+    return load_file(str(folder / "fixture.safetensors")), json.loads((folder / "meta.json").read_text()), folder
+
+
+def synthetic_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
+    """The original's state dict with the fixture's synthetic weights (keys.tsv + synth.py recipe + overrides)."""
+    synth = load_synth()
+    overrides = {suffix: tuple(v) for suffix, v in meta.get("overrides", {}).items()}
+    return synth.synth_state(synth.read_keys(folder / "keys.tsv"), meta.get("base_seed", 0), overrides)
+
+
+def build_model(arch: str = FIXTURE, state: dict | None = None, legacy_format: bool = False, **options):
+    """minseg model loaded from the fixture's synthetic checkpoint, saved to a temp file as the original saves it."""
+    tensors, meta, folder = load_fixture()
+    if state is None:
+        state = synthetic_state(folder, meta)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "yolact_synthetic.pth"
+        if legacy_format:
+            torch.save(state, path, _use_new_zipfile_serialization=False)
+        else:
+            load_synth().write_checkpoint(state, meta["checkpoint_format"], path)
+        converted = minseg.convert("yolact", path, arch=arch)
+    model = minseg.create_model(arch, **options)
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+def unpack_masks(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """The fixture's numpy.packbits(masks, axis=-1) -> Tensor[K, H, width] bool."""
+    return torch.from_numpy(np.unpackbits(packed.numpy(), axis=-1, count=width).astype(bool))
+
+
+def postprocessed_pairs(prefix: str, ours: dict[str, torch.Tensor], fx: dict, w: int, full_masks: bool) -> dict:
+    """The recorded postprocess outputs vs ours: classes, scores, int boxes, mask pixel counts (and full masks)."""
+    pairs = {
+        f"{prefix}.classes": (ours["labels"], fx[f"{prefix}.classes"]),
+        f"{prefix}.scores": (ours["scores"], fx[f"{prefix}.scores"]),
+        f"{prefix}.boxes": (ours["boxes"].long(), fx[f"{prefix}.boxes"]),  # the original truncates with .long()
+        f"{prefix}.mask_sums": (ours["masks"].sum((1, 2)), fx[f"{prefix}.mask_sums"]),
+    }
+    if full_masks:
+        pairs[f"{prefix}.masks"] = (ours["masks"], unpack_masks(fx[f"{prefix}.masks_packbits"], w))
+    return pairs
+
+
+@torch.no_grad()
+def stage_pairs(model, fx: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{stage name: (minseg, recorded)} for every stage the fixture holds."""
+    captured = {}
+    hooks = [model.backbone.register_forward_hook(lambda m, i, o: captured.update(backbone=o)),
+             model.fpn.register_forward_hook(lambda m, i, o: captured.update(fpn=o))]
+    try:
+        out = model(fx["tensor.x"])
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = {}
+    for name in ("C3", "C4", "C5"):
+        c = captured["backbone"][name.lower()]
+        pairs[f"tensor.{name}.first16ch"] = (c[:, :16], fx[f"tensor.{name}.first16ch"])
+        pairs[f"tensor.{name}.mean_per_channel"] = (c.double().mean(dim=(0, 2, 3)).float(),  # recorded in float64
+                                                 fx[f"tensor.{name}.mean_per_channel"])
+        pairs[f"tensor.{name}.absmax_per_channel"] = (c.abs().amax(dim=(0, 2, 3)), fx[f"tensor.{name}.absmax_per_channel"])
+    for i, p in enumerate(captured["fpn"]):
+        pairs[f"tensor.P{i + 3}"] = (p, fx[f"tensor.P{i + 3}"])
+    for key in ("loc", "conf", "mask", "priors", "proto"):
+        pairs[f"tensor.{key}"] = (out[key], fx[f"tensor.{key}"])
+    pairs.update(detection_pairs("tensor.det", model.detect(out)[0], fx))
+    for prefix, (h, w) in POST_SIZES.items():
+        (post,) = model.postprocess(out, [(h, w)])
+        pairs.update(postprocessed_pairs(f"tensor.{prefix}", post, fx, w, full_masks=f"tensor.{prefix}.masks_packbits" in fx))
+
+    # the image path of eval.py --image: preprocess, network, Detect, postprocess at the image's own size
+    rgb = fx["image.rgb"].numpy()
+    batch = model.preprocess(rgb)
+    pairs["image.batch"] = (batch, fx["image.batch"])
+    out = model(batch)
+    pairs.update(detection_pairs("image.det", model.detect(out)[0], fx))
+    (post,) = model.postprocess(out, [rgb.shape[:2]])
+    pairs.update(postprocessed_pairs("image", post, fx, rgb.shape[1], full_masks=True))
+    (predicted,) = model.predict(rgb)
+    pairs.update({f"image.predict.{k}": (predicted[k], post[k]) for k in post})
+    return pairs
+
+
+def detection_pairs(prefix: str, det: dict[str, torch.Tensor], fx: dict) -> dict:
+    return {f"{prefix}.box": (det["boxes_rel"], fx[f"{prefix}.box"]),
+            f"{prefix}.class": (det["labels"], fx[f"{prefix}.class"]),
+            f"{prefix}.score": (det["scores"], fx[f"{prefix}.score"]),
+            f"{prefix}.mask": (det["coeffs"], fx[f"{prefix}.mask"])}
+
+
+def compare(ours: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float, float]:
+    """(bitwise equal, max abs diff, max rel diff); discrete tensors must be equal, shapes always."""
+    if ours.shape != expected.shape:
+        return False, float("inf"), float("inf")
+    ours = ours.detach().cpu()
+    equal = torch.equal(ours.to(expected.dtype), expected)
+    if not expected.is_floating_point():
+        return equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf")
+    d, r = diff(ours, expected)
+    return equal, d, r
+
+
+def report(pairs: dict) -> list[tuple[str, bool, float, float]]:
+    return [(name, *compare(ours, expected)) for name, (ours, expected) in pairs.items()]
+
+
+def check() -> ParityRow:
+    torch.set_num_threads(2)  # the fixture was recorded with 2 threads (reductions in conv/GEMM depend on it)
+    tensors, _, _ = load_fixture()
+    rows = report(stage_pairs(build_model(), tensors))
+    tally = Tally()
+    for name, equal, d, r in rows:
+        tally.max_abs, tally.max_rel = max(tally.max_abs, d), max(tally.max_rel, r)
+    bitwise = sum(equal for _, equal, _, _ in rows)
+    failed = [name for name, equal, d, r in rows if not equal and not r <= TOLERANCE]
+    detail = f"{bitwise}/{len(rows)} stages bitwise equal" + (f"; FAIL: {', '.join(failed)}" if failed else "")
+    return ParityRow(FIXTURE, ORIGINAL, tally.max_abs, tally.max_rel, not failed, detail)
+
+
+CHECKS = {FIXTURE: (ORIGINAL, check)}
