@@ -78,8 +78,8 @@ class Yolact(nn.Module):
         # shared head on every level, concatenated P3..P7
         loc, conf, mask = zip(*(self.head(p) for p in levels))
         priors = self.priors([tuple(p.shape[-2:]) for p in levels], x.device)
-        return {"loc": torch.cat(loc, 1), "conf": torch.cat(conf, 1).softmax(-1), "mask": torch.cat(mask, 1),
-                "priors": priors, "proto": proto}
+        conf = torch.cat(conf, 1).float().softmax(-1)  # float32 scores even under autocast (no-op in float32)
+        return {"loc": torch.cat(loc, 1), "conf": conf, "mask": torch.cat(mask, 1), "priors": priors, "proto": proto}
 
     def detect(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The original's Detect: per image, decode, keep priors whose best foreground score > conf_thresh,

@@ -1,0 +1,367 @@
+"""yolact_resnet50 / yolact_resnet101 against dbolya/yolact: every stage of the recorded fixture, the converter's
+rules and edge cases, and the structure of the ResNet-101 (yolact_base) checkpoint derived from the spec."""
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import minseg
+from minseg.convert import convert_with_overrides
+from minseg.errors import CheckpointError
+from minseg_ref import parity_yolact as ref
+from minseg_ref.common import diff, load_synth
+
+from conftest import cuda
+
+STAGES = (
+    [f"tensor.{c}.{s}" for c in ("C3", "C4", "C5") for s in ("first16ch", "mean_per_channel", "absmax_per_channel")]
+    + [f"tensor.P{i}" for i in range(3, 8)]
+    + [f"tensor.{k}" for k in ("loc", "conf", "mask", "priors", "proto")]
+    + [f"tensor.det.{k}" for k in ("box", "class", "score", "mask")]
+    + [f"tensor.post640x480.{k}" for k in ("classes", "scores", "boxes", "mask_sums")]
+    + [f"tensor.post160x120.{k}" for k in ("classes", "scores", "boxes", "mask_sums", "masks")]
+    + ["image.batch"] + [f"image.det.{k}" for k in ("box", "class", "score", "mask")]
+    + [f"{p}.{k}" for p in ("image", "image.predict") for k in ("classes", "scores", "boxes", "mask_sums", "masks")]
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures: the recorded outputs, the synthetic checkpoint, the converted model
+
+@pytest.fixture(scope="module")
+def recorded():
+    try:
+        return ref.load_fixture()
+    except FileNotFoundError as e:
+        pytest.skip(f"YOLACT parity fixture absent: {e}")
+
+
+@pytest.fixture(scope="module")
+def synth_state(recorded):
+    _, meta, folder = recorded
+    return ref.synthetic_state(folder, meta)
+
+
+@pytest.fixture(scope="module")
+def model(synth_state):
+    torch.set_num_threads(2)
+    return ref.build_model(state=synth_state)
+
+
+@pytest.fixture(scope="module")
+def pairs(model, recorded):
+    return ref.stage_pairs(model, recorded[0])
+
+
+@pytest.fixture(scope="module")
+def small_outputs(model, recorded):
+    """Network outputs of a 2-image batch at an odd, non-square size (the fixture input, cropped and flipped)."""
+    x = recorded[0]["tensor.x"][..., :321, :387]
+    with torch.no_grad():
+        return x, model(torch.cat([x, x.flip(-1)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parity with the recorded original
+
+def test_every_recorded_stage_is_compared(pairs, recorded):
+    assert set(pairs) == set(STAGES)
+    recorded_outputs = {k.replace(".masks_packbits", ".masks") for k in recorded[0] if k not in ("tensor.x", "image.rgb")}
+    assert recorded_outputs <= set(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fixture_stage(pairs, stage):
+    """Discrete outputs (classes, int boxes, masks, mask sizes) identical; float tensors within float32 rounding
+    (bitwise with the recording machine's kernels, see the next test)."""
+    ours, expected = pairs[stage]
+    equal, d, r = ref.compare(ours, expected)
+    if expected.is_floating_point():
+        assert equal or r <= ref.TOLERANCE, f"{stage}: max abs {d:.3g}, max rel {r:.3g}"
+    else:
+        assert equal, f"{stage}: differs from the original"
+
+
+@pytest.mark.skipif(not ref.recorded_kernels_available(), reason="needs x86-64 Linux with AVX2 (the fixture's kernels)")
+def test_fixture_bitwise_with_recorded_kernels(recorded):
+    """With oneDNN and ATen restricted to AVX2, as on the machine that recorded the fixture, every stage is
+    bitwise equal: the remaining difference above is the CPU's conv kernels, not minseg's order of operations."""
+    rows = ref.run_report_recorded_kernels()
+    assert {name for name, *_ in rows} == set(STAGES)
+    assert [name for name, equal, *_ in rows if not equal] == []
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# batches, odd sizes, zero detections, autocast, CUDA
+
+def test_batch_equals_one_at_a_time(model, small_outputs):
+    x, batched = small_outputs
+    sizes = [(100, 120), (57, 33)]
+    together = model.postprocess(batched, sizes)
+    with torch.no_grad():
+        for i, image in enumerate((x, x.flip(-1))):
+            single = model(image)
+            for key in ("loc", "conf", "mask", "proto"):
+                assert diff(batched[key][i:i + 1], single[key])[1] <= ref.TOLERANCE, key
+            assert torch.equal(batched["priors"], single["priors"])
+            (alone,) = model.postprocess(single, sizes[i:i + 1])
+            for key in ("labels", "masks"):
+                assert torch.equal(together[i][key], alone[key]), key
+            for key in ("boxes", "scores"):
+                assert diff(together[i][key], alone[key])[1] <= ref.TOLERANCE, key
+
+
+@pytest.mark.parametrize("size", [(1, 1), (37, 91), (551, 3)])
+def test_postprocess_odd_sizes(model, small_outputs, size):
+    h, w = size
+    _, outputs = small_outputs
+    out = model.postprocess(outputs, [size, (h + 1, w)])
+    for det in out:
+        K = det["labels"].shape[0]
+        assert K > 0 and det["boxes"].shape == (K, 4) and det["scores"].shape == (K,)
+        assert det["labels"].dtype == torch.int64 and 0 <= det["labels"].min() and det["labels"].max() <= 79
+        assert torch.all(det["scores"][:-1] >= det["scores"][1:])
+        x1, y1, x2, y2 = det["boxes"].unbind(1)
+        assert torch.all((0 <= x1) & (x1 <= x2) & (x2 <= w) & (0 <= y1) & (y1 <= y2))
+    assert out[0]["masks"].shape == (out[0]["labels"].shape[0], h, w) and out[0]["masks"].dtype == torch.bool
+    assert out[1]["masks"].shape[1:] == (h + 1, w)
+    assert torch.all(out[0]["boxes"][:, 3] <= h) and torch.all(out[1]["boxes"][:, 3] <= h + 1)
+
+
+def test_postprocess_rejects_wrong_number_of_sizes(model, small_outputs):
+    with pytest.raises(ValueError, match="sizes"):
+        model.postprocess(small_outputs[1], [(10, 10)])
+
+
+def test_zero_detections(model, small_outputs):
+    """A background logit far above every class: no prior passes the 0.05 threshold; empty, well-typed outputs."""
+    silent = copy.deepcopy(model)
+    with torch.no_grad():
+        silent.head.conf.bias.view(3, 81)[:, 0] = 100.0  # channel = anchor * 81 + class
+        outputs = silent(small_outputs[0][..., :64, :96])
+    assert all(d["labels"].numel() == 0 for d in silent.detect(outputs))
+    (det,) = silent.postprocess(outputs, [(30, 41)])
+    assert det["boxes"].shape == (0, 4) and det["boxes"].dtype == torch.float32
+    assert det["labels"].shape == (0,) and det["labels"].dtype == torch.int64
+    assert det["scores"].shape == (0,)
+    assert det["masks"].shape == (0, 30, 41) and det["masks"].dtype == torch.bool
+
+
+def test_threshold_override_gives_zero_detections(synth_state):
+    state = minseg.convert("yolact", synth_state, arch="yolact_resnet50")
+    model = minseg.create_model("yolact_resnet50", conf_thresh=1.0)
+    model.load_state_dict(state, strict=True)
+    (det,) = model.predict(np.zeros((20, 30, 3), dtype=np.uint8))
+    assert det["labels"].numel() == 0 and det["masks"].shape == (0, 20, 30)
+
+
+def test_cross_class_nms_option(model, small_outputs):
+    cc = copy.deepcopy(model)
+    cc.cfg = dataclasses.replace(model.cfg, cross_class_nms=True)
+    (det,) = cc.detect({k: v[:1] if k != "priors" else v for k, v in small_outputs[1].items()})
+    K = det["labels"].shape[0]
+    assert 0 < K <= 200 and torch.all(det["scores"][:-1] >= det["scores"][1:])
+
+
+def test_predict_from_file(model, recorded, pairs, tmp_path):
+    from PIL import Image
+
+    rgb = recorded[0]["image.rgb"].numpy()
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    (from_path,) = model.predict(str(tmp_path / "image.png"))
+    expected, _ = pairs["image.predict.masks"]
+    assert torch.equal(from_path["masks"], expected)
+    assert torch.equal(from_path["labels"], pairs["image.predict.classes"][0])
+
+
+def test_preprocess_any_size(model):
+    x = model.preprocess(np.full((7, 13, 3), 128, dtype=np.uint8))
+    assert x.shape == (1, 3, 550, 550)
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([(128 - 123.68) / 58.40, (128 - 116.78) / 57.12,
+                                                            (128 - 103.94) / 57.38]))
+
+
+def test_autocast_bfloat16_cpu(model, small_outputs):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(small_outputs[0][..., :128, :160])
+        (det,) = model.postprocess(outputs, [(40, 50)])
+    assert outputs["conf"].dtype == torch.float32
+    assert det["boxes"].dtype == torch.float32 and det["masks"].dtype == torch.bool and det["masks"].shape[1:] == (40, 50)
+
+
+@cuda
+def test_cuda_matches_recorded(model, recorded):
+    """On CUDA (TF32 off): float stages near the original's CPU numbers, identical detections."""
+    fx = recorded[0]
+    gpu = copy.deepcopy(model).cuda()
+    allow = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            out = gpu(fx["tensor.x"].cuda())
+            (post,) = gpu.postprocess(out, [(120, 160)])
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow
+    for key in ("loc", "conf", "mask", "proto"):
+        assert diff(out[key].cpu(), fx[f"tensor.{key}"])[1] <= 1e-4, key
+    assert torch.equal(out["priors"].cpu(), fx["tensor.priors"])
+    assert torch.equal(post["labels"].cpu(), fx["tensor.post160x120.classes"])
+    agree = (post["masks"].cpu() == ref.unpack_masks(fx["tensor.post160x120.masks_packbits"], 160)).float().mean()
+    assert agree > 0.999
+
+
+@cuda
+def test_cuda_autocast_float16(model, recorded):
+    gpu = copy.deepcopy(model).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        out = gpu(recorded[0]["tensor.x"][..., :200, :300].cuda())
+        (det,) = gpu.postprocess(out, [(50, 70)])
+    assert det["masks"].shape[1:] == (50, 70) and det["boxes"].dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# converter
+
+def zeros_state(keys) -> dict[str, torch.Tensor]:
+    return {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in keys}
+
+
+@pytest.fixture(scope="module")
+def r50_keys(recorded):
+    return load_synth().read_keys(recorded[2] / "keys.tsv")
+
+
+def test_convert_without_num_batches_tracked(r50_keys, synth_state):
+    with_counters = minseg.convert("yolact", synth_state, arch="yolact_resnet50")
+    without = {k: v for k, v in synth_state.items() if not k.endswith("num_batches_tracked")}
+    assert len(without) == len(synth_state) - 53
+    converted = minseg.convert("yolact", without, arch="yolact_resnet50")
+    assert converted.keys() == with_counters.keys()
+    assert all(torch.equal(converted[k], with_counters[k]) for k in converted)
+
+
+def test_convert_legacy_file_format(synth_state, tmp_path):
+    path = tmp_path / "yolact_legacy.pth"
+    torch.save(synth_state, path, _use_new_zipfile_serialization=False)
+    converted = minseg.convert("yolact", path, arch="yolact_resnet50")
+    expected = minseg.convert("yolact", synth_state, arch="yolact_resnet50")
+    assert all(torch.equal(converted[k], expected[k]) for k in expected)
+
+
+def test_convert_drops_the_originals_load_time_keys(r50_keys):
+    state = zeros_state(r50_keys)
+    assert "semantic_seg_conv.weight" in state
+    state["backbone.layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)   # old torchvision-style name
+    state["fpn.downsample_layers.2.weight"] = torch.zeros(256, 256, 3, 3)  # v1.0 extra downsample layer
+    state["fpn.downsample_layers.2.bias"] = torch.zeros(256)
+    converted = minseg.convert("yolact", state, arch="yolact_resnet50")
+    model_keys = minseg.create_model("yolact_resnet50").state_dict().keys()
+    assert converted.keys() == model_keys
+    assert not any("semantic" in k for k in converted)
+
+
+def test_convert_rename_map(synth_state):
+    converted = minseg.convert("yolact", synth_state, arch="yolact_resnet50")
+    for theirs, ours in [("fpn.lat_layers.0.weight", "fpn.lateral.2.weight"), ("fpn.pred_layers.2.bias", "fpn.output.0.bias"),
+                         ("fpn.downsample_layers.1.weight", "fpn.p7.weight"), ("proto_net.8.weight", "protonet.up_conv.weight"),
+                         ("backbone.layers.3.0.downsample.1.running_var", "backbone.layer4.0.downsample.1.running_var"),
+                         ("prediction_layers.0.mask_layer.bias", "head.mask.bias")]:
+        assert torch.equal(converted[ours], synth_state[theirs]), theirs
+
+
+def test_convert_unknown_key_is_named(r50_keys):
+    state = zeros_state(r50_keys)
+    state["prediction_layers.0.score_layer.weight"] = torch.zeros(3, 256, 3, 3)
+    with pytest.raises(CheckpointError, match="score_layer"):
+        minseg.convert("yolact", state, arch="yolact_resnet50")
+
+
+def test_convert_missing_key_is_named(r50_keys):
+    state = zeros_state(r50_keys)
+    del state["proto_net.10.bias"]
+    with pytest.raises(CheckpointError, match="protonet.out.bias"):
+        minseg.convert("yolact", state, arch="yolact_resnet50")
+
+
+def test_convert_wrong_depth_refused(r50_keys):
+    with pytest.raises(CheckpointError, match="yolact_resnet101"):
+        minseg.convert("yolact", zeros_state(r50_keys), arch="yolact_resnet101")
+
+
+def test_convert_reads_num_classes_from_shapes(r50_keys):
+    state = zeros_state(r50_keys)
+    state["prediction_layers.0.conf_layer.weight"] = torch.zeros(3 * 21, 256, 3, 3)
+    state["prediction_layers.0.conf_layer.bias"] = torch.zeros(3 * 21)
+    converted, overrides = convert_with_overrides("yolact", state, arch="yolact_resnet50")
+    assert overrides == {"num_classes": 21}
+    minseg.create_model("yolact_resnet50", num_classes=21).load_state_dict(converted, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ResNet-101 (yolact_base): structure from the spec's key list
+
+def yolact_keys(blocks: tuple[int, int, int, int]) -> list[tuple[str, tuple[int, ...], str]]:
+    """The original's Yolact().state_dict() keys for a ResNet backbone with `blocks` per stage, as spec section 5.2
+    describes them: backbone.layers first (the ModuleList is created before conv1), then the stem, proto_net,
+    fpn, the shared prediction_layers.0 and semantic_seg_conv."""
+    def bn(prefix, c):
+        return [(f"{prefix}.{n}", (c,), "float32") for n in ("weight", "bias", "running_mean", "running_var")] + \
+               [(f"{prefix}.num_batches_tracked", (), "int64")]
+
+    keys, inplanes = [], 64
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i in range(n):
+            p = f"backbone.layers.{stage}.{i}"
+            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1), "float32")] + bn(f"{p}.bn1", planes)
+            keys += [(f"{p}.conv2.weight", (planes, planes, 3, 3), "float32")] + bn(f"{p}.bn2", planes)
+            keys += [(f"{p}.conv3.weight", (planes * 4, planes, 1, 1), "float32")] + bn(f"{p}.bn3", planes * 4)
+            if i == 0:
+                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1), "float32")]
+                keys += bn(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    keys += [("backbone.conv1.weight", (64, 3, 7, 7), "float32")] + bn("backbone.bn1", 64)
+
+    def conv(name, cout, cin, k):
+        return [(f"{name}.weight", (cout, cin, k, k), "float32"), (f"{name}.bias", (cout,), "float32")]
+
+    for i in (0, 2, 4, 8):
+        keys += conv(f"proto_net.{i}", 256, 256, 3)
+    keys += conv("proto_net.10", 32, 256, 1)
+    for i, cin in enumerate((2048, 1024, 512)):
+        keys += conv(f"fpn.lat_layers.{i}", 256, cin, 1)
+    for name in ("pred_layers.0", "pred_layers.1", "pred_layers.2", "downsample_layers.0", "downsample_layers.1"):
+        keys += conv(f"fpn.{name}", 256, 256, 3)
+    keys += conv("prediction_layers.0.upfeature.0", 256, 256, 3)
+    for name, cout in (("bbox_layer", 12), ("conf_layer", 243), ("mask_layer", 96)):
+        keys += conv(f"prediction_layers.0.{name}", cout, 256, 3)
+    keys += conv("semantic_seg_conv", 80, 256, 1)
+    return keys
+
+
+def test_key_list_derivation_matches_recorded_r50(r50_keys):
+    assert yolact_keys((3, 4, 6, 3)) == r50_keys
+
+
+@pytest.mark.parametrize("arch,blocks,entries,params", [("yolact_resnet50", (3, 4, 6, 3), 354, 31_164_943),
+                                                        ("yolact_resnet101", (3, 4, 23, 3), 660, 50_157_071)])
+def test_every_checkpoint_key_consumed(arch, blocks, entries, params):
+    """Spec section 0: entry and parameter counts (parameters include the dropped semantic_seg_conv)."""
+    keys = yolact_keys(blocks)
+    assert len(keys) == entries
+    with torch.device("meta"):
+        state = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in keys}
+        model = minseg.create_model(arch)
+    converted = minseg.convert("yolact", state, arch=arch)
+    assert converted.keys() == model.state_dict().keys() and len(converted) == entries - 2
+    semantic = 80 * 256 + 80
+    assert sum(p.numel() for p in model.parameters()) == params - semantic
+
+
+def test_r101_runs_and_detects_shapes():
+    model = minseg.create_model("yolact_resnet101").eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 96, 128))
+    P = sum(h * w * 3 for h, w in [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)])
+    assert out["loc"].shape == (1, P, 4) and out["conf"].shape == (1, P, 81) and out["proto"].shape == (1, 24, 32, 32)
