@@ -82,8 +82,10 @@ def test_cross_class_fast_nms_matches_reference(problem, threshold, top_k):
 
 
 @settings(max_examples=100, deadline=None)
-@given(problems(), st.sampled_from([0.3, 0.5, 0.7]))
+@given(problems(), st.sampled_from([0.31, 0.5, 0.71]))
 def test_fast_nms_keeps_a_subset_of_classic_nms(problem, threshold):
+    # thresholds no small-integer IoU equals except 0.5 (torchvision compares a float32 IoU with a float64
+    # threshold, YOLACT with a float32 one: at IoU == 0.3 exactly they disagree)
     boxes, scores = problem
     b, s = as_tensors(boxes, scores)
     C, N = s.shape
