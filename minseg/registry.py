@@ -11,6 +11,7 @@ import torch
 from minseg.errors import CheckpointError
 from minseg.models import deeplabv3, fcn
 from minseg.models import yolact
+from minseg.models import unet
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "fcn_resnet50": fcn.fcn_resnet50,
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "deeplabv3_resnet101": deeplabv3.deeplabv3_resnet101,
     "yolact_resnet50": yolact.yolact_resnet50,
     "yolact_resnet101": yolact.yolact_resnet101,
+    "unet_resnet34": unet.unet_resnet34,
 }
 
 
