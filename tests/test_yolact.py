@@ -1,6 +1,7 @@
 """yolact_resnet50 / yolact_resnet101 against dbolya/yolact: every stage of the recorded fixture, the converter's
 rules and edge cases, and the structure of the ResNet-101 (yolact_base) checkpoint derived from the spec."""
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -365,3 +366,52 @@ def test_r101_runs_and_detects_shapes():
         out = model(torch.randn(1, 3, 96, 128))
     P = sum(h * w * 3 for h, w in [(12, 16), (6, 8), (3, 4), (2, 2), (1, 1)])
     assert out["loc"].shape == (1, P, 4) and out["conf"].shape == (1, P, 81) and out["proto"].shape == (1, 24, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# YOLACT box ops against direct loops
+
+def test_priors_equal_the_originals_loop():
+    """make_priors paraphrased: Python float64 loop over (y, x, ratio), square sides, one float32 cast at the end."""
+    from minseg.ops import yolact_priors
+
+    sizes, scales, ratios = [(5, 7), (3, 2)], (24, 48), (1, 1 / 2, 2)
+    data = []
+    for (h, w), scale in zip(sizes, scales):
+        for j in range(h):
+            for i in range(w):
+                for a in ratios:
+                    side = scale * math.sqrt(a) / 550
+                    data.append([(i + 0.5) / w, (j + 0.5) / h, side, side])
+    assert torch.equal(yolact_priors(sizes, scales, ratios, 550), torch.tensor(data, dtype=torch.float32))
+    torch.testing.assert_close(yolact_priors([(1, 1)], (24,), ratios, 550)[:, 2],
+                               torch.tensor([0.0436364, 0.0308556, 0.0617111]), rtol=0, atol=1e-7)  # spec 2.6 table
+
+
+def test_decode_float_order():
+    """x2 = x1 + w (not cx + w / 2) and the variance applied before the prior size, in float32."""
+    from minseg.ops import decode_yolact
+
+    g = torch.Generator().manual_seed(0)
+    loc, priors = torch.randn(50, 4, generator=g), torch.rand(50, 4, generator=g)
+    boxes = decode_yolact(loc, priors)
+    cx = priors[:, 0] + loc[:, 0] * 0.1 * priors[:, 2]
+    w = priors[:, 2] * torch.exp(loc[:, 2] * 0.2)
+    assert torch.equal(boxes[:, 0], cx - w / 2) and torch.equal(boxes[:, 2], w + (cx - w / 2))
+    assert torch.equal(decode_yolact(loc[None].expand(3, 50, 4), priors)[2], boxes)
+
+
+def test_crop_masks_matches_loop():
+    from minseg.ops import crop_masks
+
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(9, 11, 4, generator=g)
+    boxes = torch.tensor([[0.2, 0.1, 0.5, 0.9], [0.9, 0.8, 0.1, 0.3], [-0.2, -0.1, 1.3, 1.2], [0.5, 0.5, 0.5, 0.5]])
+    out = crop_masks(masks, boxes)
+    for k, (bx1, by1, bx2, by2) in enumerate(boxes.tolist()):
+        x1, x2 = max(min(bx1, bx2) * 11 - 1, 0), min(max(bx1, bx2) * 11 + 1, 11)
+        y1, y2 = max(min(by1, by2) * 9 - 1, 0), min(max(by1, by2) * 9 + 1, 9)
+        for r in range(9):
+            for c in range(11):
+                inside = x1 <= c < x2 and y1 <= r < y2
+                assert out[r, c, k] == (masks[r, c, k] if inside else 0), (k, r, c)
