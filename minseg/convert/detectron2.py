@@ -1,0 +1,201 @@
+"""detectron2 checkpoints (model-zoo `.pkl`, or `.pth` from its trainer) -> minseg Panoptic FPN.
+
+A model-zoo `.pkl` (e.g. COCO-PanopticSegmentation/panoptic_fpn_R_50_3x/139514569/model_final_c10459.pkl) is a plain
+pickle of {"model": {name: numpy float32 array}, "__author__": "Detectron2 Model Zoo"}. detectron2 reads it with
+pickle.load, which would run any code a tampered file carries; here it goes through an unpickler that can only
+rebuild numpy arrays, dtypes and plain containers (SafeUnpickler) and refuses everything else. `.pth` files are
+{"model": state_dict, ...} read with torch.load(weights_only=True).
+
+detectron2's own names are renamed into minseg's by the ordered rules below (first match wins); every other key is
+an error unless a named drop accounts for it.
+"""
+from __future__ import annotations
+
+import collections
+import codecs
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minseg.convert.common import Drop, Rule, as_state_dict, read_torch_checkpoint, rename, validate
+from minseg.errors import CheckpointError
+from minseg.weights import group_keys
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def _dtype(*args) -> np.dtype:
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("object arrays are not allowed")
+    return dtype
+
+
+def _reconstruct(subtype, shape, dtype_code) -> np.ndarray:
+    # the empty array numpy's pickle protocol fills through ndarray.__setstate__ (numpy/_core/multiarray._reconstruct)
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError("only plain numpy arrays are allowed")
+    return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype_code))
+
+
+def _frombuffer(buffer, dtype, shape, order) -> np.ndarray:
+    # pickle protocol 5 form of an array (numpy/_core/numeric._frombuffer)
+    array = np.frombuffer(bytes(buffer), dtype=_dtype(dtype))
+    return array.reshape(shape, order=order if order in ("C", "F") else "C").copy()
+
+
+def _latin1_encode(text, encoding="utf-8") -> bytes:
+    # protocol-2 pickles spell raw bytes as _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("only latin1 byte strings are allowed")
+    return codecs.encode(text, "latin1")
+
+
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,   # numpy 1.x spelling
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x spelling
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): _latin1_encode,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler whose only globals are numpy array reconstruction, dtypes, OrderedDict and latin1 bytes."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("persistent ids are not allowed")
+
+
+def read_pkl(path: str | os.PathLike) -> dict:
+    """A detectron2 model-zoo .pkl -> {"model": {name: ndarray}, "__author__": ...}; CheckpointError on anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            data = SafeUnpickler(f, encoding="latin1").load()  # latin1: detectron2's own choice, for Python-2 pickles
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused to load ({e})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, MemoryError,
+            UnicodeDecodeError, ImportError) as e:
+        raise CheckpointError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a detectron2 checkpoint (a pickled {type(data).__name__})")
+    if "__author__" not in data or "model" not in data:
+        found = ", ".join(sorted(map(str, data))[:8])
+        raise CheckpointError(f"{path}: not a detectron2 model-zoo file (no 'model'/'__author__'; found {found}); "
+                              "Caffe2/Detectron1 .pkl files are not supported")
+    return data
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """.pkl through SafeUnpickler; anything else (.pth, zip) through torch.load(weights_only=True)."""
+    path = Path(path)
+    if path.is_file() and not zipfile.is_zipfile(path) and path.suffix.lower() in (".pkl", ".pickle"):
+        return read_pkl(path)
+    return read_torch_checkpoint(path)
+
+
+def to_tensors(obj: object, where: str) -> object:
+    """The checkpoint with its {"model": {name: ndarray}} turned into tensors (other containers left as they are)."""
+    if not isinstance(obj, dict):
+        return obj
+    model = obj.get("model", obj)
+    if not isinstance(model, dict):
+        return obj
+    converted, bad = {}, []
+    for key, value in model.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiub":
+            converted[key] = torch.from_numpy(np.array(value, copy=True))
+        elif isinstance(value, torch.Tensor):
+            converted[key] = value
+        else:
+            bad.append(str(key))
+    if bad:
+        raise CheckpointError(f"{where}: entries that are not numeric arrays: {group_keys(bad)}")
+    return converted
+
+
+# ---------------------------------------------------------------------------------------------------- renaming
+
+BACKBONE: list[Rule] = [
+    # ResNet (MSRA layout) -> minseg's torchvision-style names: stem, resN = layerN-1, convK.norm = bnK
+    (r"backbone\.bottom_up\.stem\.conv1\.weight", r"backbone.conv1.weight"),
+    (r"backbone\.bottom_up\.stem\.conv1\.norm\.(.*)", r"backbone.bn1.\1"),
+    (r"backbone\.bottom_up\.res2\.(\d+)\.(.*)", r"backbone.layer1.\1.\2"),
+    (r"backbone\.bottom_up\.res3\.(\d+)\.(.*)", r"backbone.layer2.\1.\2"),
+    (r"backbone\.bottom_up\.res4\.(\d+)\.(.*)", r"backbone.layer3.\1.\2"),
+    (r"backbone\.bottom_up\.res5\.(\d+)\.(.*)", r"backbone.layer4.\1.\2"),
+]
+
+BLOCK: list[Rule] = [
+    # inside a block (applied after BACKBONE): conv{1,2,3}.norm -> bn{1,2,3}; shortcut -> downsample.0/1
+    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.weight", r"\1.conv\2.weight"),
+    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.norm\.(.*)", r"\1.bn\2.\3"),
+    (r"(backbone\.layer\d\.\d+)\.shortcut\.weight", r"\1.downsample.0.weight"),
+    (r"(backbone\.layer\d\.\d+)\.shortcut\.norm\.(.*)", r"\1.downsample.1.\2"),
+    (r"(backbone\.(conv1|bn1)\..*)", r"\1"),
+]
+
+SEMANTIC: list[Rule] = [
+    # SemSegFPNHead: one Sequential per level named p2..p5 (convs at 0, 2, 4); Conv2d(norm=GN) keeps its norm inside
+    (r"sem_seg_head\.p([2-5])\.(\d)\.weight", r"sem_seg_head.levels.<\1>.\2.0.weight"),
+    (r"sem_seg_head\.p([2-5])\.(\d)\.norm\.(weight|bias)", r"sem_seg_head.levels.<\1>.\2.1.\3"),
+    (r"sem_seg_head\.predictor\.(weight|bias)", r"sem_seg_head.predictor.\1"),
+]
+
+NECK_AND_HEADS: list[Rule] = []  # FPN, RPN and RoI heads: filled in below from the shared modules' names
+
+DROPS: list[Drop] = [
+    (r"proposal_generator\.anchor_generator\.cell_anchors\.\d+",
+     "model-zoo files from 2019 keep the anchor templates, since made non-persistent; minseg computes them"),
+    (r"pixel_(mean|std)", "preprocessing constants stored by some checkpoints; minseg keeps them in the model config"),
+]
+
+ARCHS = ("panoptic_fpn_resnet50", "panoptic_fpn_resnet101")
+
+
+def level_index(key: str) -> str:
+    """sem_seg_head.levels.<2>.x -> levels.0.x: the original names a level by its FPN name (p2..p5)."""
+    for p in "2345":
+        key = key.replace(f"levels.<{p}>", f"levels.{int(p) - 2}")
+    return key
+
+
+def rename_detectron2(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """detectron2 names -> minseg names; CheckpointError listing keys no rule or drop accounts for."""
+    state = rename(state, BACKBONE + SEMANTIC + NECK_AND_HEADS, DROPS, where)
+    state = rename(state, BLOCK + [(r"((?!backbone\.).*)", r"\1")], [], where)
+    return {level_index(k): v for k, v in state.items()}
+
+
+def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, torch.Tensor], dict]:
+    if isinstance(checkpoint, dict):
+        where, raw = "state dict", checkpoint
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        where, raw = str(checkpoint), read_checkpoint(checkpoint)
+    else:
+        raise CheckpointError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
+    state = as_state_dict(to_tensors(raw, where), where)
+    state = rename_detectron2(state, where)
+    overrides = {}
+    if "roi_heads.box_predictor.cls_score.weight" in state:
+        num_classes = state["roi_heads.box_predictor.cls_score.weight"].shape[0] - 1  # background is the last row
+        if num_classes != 80:
+            overrides["num_classes"] = num_classes
+    if "sem_seg_head.predictor.weight" in state and state["sem_seg_head.predictor.weight"].shape[0] != 54:
+        overrides["num_sem_seg_classes"] = state["sem_seg_head.predictor.weight"].shape[0]
+    return validate(state, arch, where, **overrides), overrides
