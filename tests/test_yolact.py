@@ -229,6 +229,11 @@ def zeros_state(keys) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in keys}
 
 
+def meta_state(keys) -> dict[str, torch.Tensor]:
+    """Shapes without storage: enough for structural checks of large checkpoints."""
+    return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, shape, dtype in keys}
+
+
 @pytest.fixture(scope="module")
 def r50_keys(recorded):
     return load_synth().read_keys(recorded[2] / "keys.tsv")
@@ -287,8 +292,10 @@ def test_convert_missing_key_is_named(r50_keys):
 
 
 def test_convert_wrong_depth_refused(r50_keys):
-    with pytest.raises(CheckpointError, match="yolact_resnet101"):
+    with pytest.raises(CheckpointError, match="ResNet-50 backbone.*arch='yolact_resnet50'"):
         minseg.convert("yolact", zeros_state(r50_keys), arch="yolact_resnet101")
+    with pytest.raises(CheckpointError, match="ResNet-101 backbone"):
+        minseg.convert("yolact", dict(meta_state(yolact_keys((3, 4, 23, 3)))), arch="yolact_resnet50")
 
 
 def test_convert_reads_num_classes_from_shapes(r50_keys):
@@ -352,9 +359,8 @@ def test_every_checkpoint_key_consumed(arch, blocks, entries, params):
     keys = yolact_keys(blocks)
     assert len(keys) == entries
     with torch.device("meta"):
-        state = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in keys}
         model = minseg.create_model(arch)
-    converted = minseg.convert("yolact", state, arch=arch)
+    converted = minseg.convert("yolact", meta_state(keys), arch=arch)
     assert converted.keys() == model.state_dict().keys() and len(converted) == entries - 2
     semantic = 80 * 256 + 80
     assert sum(p.numel() for p in model.parameters()) == params - semantic

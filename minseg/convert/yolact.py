@@ -8,10 +8,12 @@ semantic segmentation conv, which minseg does not build.
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 from minseg.convert.common import Drop, Rule, load_source, rename, validate
+from minseg.errors import CheckpointError
 
 RULES: list[Rule] = [
     # ResNetBackbone keeps its stages in a ModuleList `layers`; minseg's ResNet names them like torchvision
@@ -65,8 +67,21 @@ def fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
+DEPTH_BY_STAGE3_BLOCKS = {6: ("ResNet-50", "yolact_resnet50"), 23: ("ResNet-101", "yolact_resnet101")}
+
+
+def check_depth(state: dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """A clear refusal when the backbone depth (blocks in stage 3) belongs to the other variant."""
+    blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.2\.(\d+)\.", k))}
+    depth = DEPTH_BY_STAGE3_BLOCKS.get(max(blocks) + 1 if blocks else -1)
+    if depth is not None and depth[1] != arch:
+        raise CheckpointError(f"{where}: has a {depth[0]} backbone ({max(blocks) + 1} blocks in stage 3); "
+                              f"convert it with arch={depth[1]!r}, not {arch!r}")
+
+
 def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, torch.Tensor], dict]:
     state, where = load_source(checkpoint)
+    check_depth(state, arch, where)
     state = fill_num_batches_tracked(rename(state, RULES, DROPS, where))
     overrides = {}
     if "head.conf.weight" in state and "head.loc.weight" in state:
