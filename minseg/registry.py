@@ -20,6 +20,8 @@ MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "deeplabv3_resnet101": deeplabv3.deeplabv3_resnet101,
     "yolact_resnet50": yolact.yolact_resnet50,
     "yolact_resnet101": yolact.yolact_resnet101,
+    "yolact_im700": yolact.yolact_im700,
+    "yolact_darknet53": yolact.yolact_darknet53,
     "unet_resnet34": unet.unet_resnet34,
 }
 

@@ -295,7 +295,7 @@ def test_convert_wrong_depth_refused(r50_keys):
     with pytest.raises(CheckpointError, match="ResNet-50 backbone.*arch='yolact_resnet50'"):
         minseg.convert("yolact", zeros_state(r50_keys), arch="yolact_resnet101")
     with pytest.raises(CheckpointError, match="ResNet-101 backbone"):
-        minseg.convert("yolact", dict(meta_state(yolact_keys((3, 4, 23, 3)))), arch="yolact_resnet50")
+        minseg.convert("yolact", meta_state(yolact_keys("resnet101")), arch="yolact_resnet50")
 
 
 def test_convert_reads_num_classes_from_shapes(r50_keys):
@@ -310,60 +310,105 @@ def test_convert_reads_num_classes_from_shapes(r50_keys):
 # ---------------------------------------------------------------------------------------------------------------------
 # ResNet-101 (yolact_base): structure from the spec's key list
 
-def yolact_keys(blocks: tuple[int, int, int, int]) -> list[tuple[str, tuple[int, ...], str]]:
-    """The original's Yolact().state_dict() keys for a ResNet backbone with `blocks` per stage, as spec section 5.2
-    describes them: backbone.layers first (the ModuleList is created before conv1), then the stem, proto_net,
-    fpn, the shared prediction_layers.0 and semantic_seg_conv."""
-    def bn(prefix, c):
-        return [(f"{prefix}.{n}", (c,), "float32") for n in ("weight", "bias", "running_mean", "running_var")] + \
-               [(f"{prefix}.num_batches_tracked", (), "int64")]
+def bn_keys(prefix: str, c: int) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(f"{prefix}.{n}", (c,), "float32") for n in ("weight", "bias", "running_mean", "running_var")] + \
+           [(f"{prefix}.num_batches_tracked", (), "int64")]
 
+
+def conv_keys(name: str, cout: int, cin: int, k: int, bias: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(f"{name}.weight", (cout, cin, k, k), "float32")] + ([(f"{name}.bias", (cout,), "float32")] if bias else [])
+
+
+def resnet_keys(blocks: tuple[int, ...]) -> list:
+    """backbone.py ResNetBackbone: `layers` (created first) then the stem; downsample in block 0 of every stage."""
     keys, inplanes = [], 64
     for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
         for i in range(n):
             p = f"backbone.layers.{stage}.{i}"
-            keys += [(f"{p}.conv1.weight", (planes, inplanes, 1, 1), "float32")] + bn(f"{p}.bn1", planes)
-            keys += [(f"{p}.conv2.weight", (planes, planes, 3, 3), "float32")] + bn(f"{p}.bn2", planes)
-            keys += [(f"{p}.conv3.weight", (planes * 4, planes, 1, 1), "float32")] + bn(f"{p}.bn3", planes * 4)
+            keys += conv_keys(f"{p}.conv1", planes, inplanes, 1, False) + bn_keys(f"{p}.bn1", planes)
+            keys += conv_keys(f"{p}.conv2", planes, planes, 3, False) + bn_keys(f"{p}.bn2", planes)
+            keys += conv_keys(f"{p}.conv3", planes * 4, planes, 1, False) + bn_keys(f"{p}.bn3", planes * 4)
             if i == 0:
-                keys += [(f"{p}.downsample.0.weight", (planes * 4, inplanes, 1, 1), "float32")]
-                keys += bn(f"{p}.downsample.1", planes * 4)
+                keys += conv_keys(f"{p}.downsample.0", planes * 4, inplanes, 1, False)
+                keys += bn_keys(f"{p}.downsample.1", planes * 4)
             inplanes = planes * 4
-    keys += [("backbone.conv1.weight", (64, 3, 7, 7), "float32")] + bn("backbone.bn1", 64)
+    return keys + conv_keys("backbone.conv1", 64, 3, 7, False) + bn_keys("backbone.bn1", 64)
 
-    def conv(name, cout, cin, k):
-        return [(f"{name}.weight", (cout, cin, k, k), "float32"), (f"{name}.bias", (cout,), "float32")]
 
+def darknet_keys() -> list:
+    """backbone.py DarkNetBackbone: `layers` (each a stride-2 conv layer then blocks of conv1/conv2), then _preconv."""
+    keys, cin = [], 32
+    for stage, n in enumerate((1, 2, 8, 8, 4)):
+        p = f"backbone.layers.{stage}"
+        keys += conv_keys(f"{p}.0.0", cin * 2, cin, 3, False) + bn_keys(f"{p}.0.1", cin * 2)
+        cin *= 2
+        for i in range(1, n + 1):
+            keys += conv_keys(f"{p}.{i}.conv1.0", cin // 2, cin, 1, False) + bn_keys(f"{p}.{i}.conv1.1", cin // 2)
+            keys += conv_keys(f"{p}.{i}.conv2.0", cin, cin // 2, 3, False) + bn_keys(f"{p}.{i}.conv2.1", cin)
+    return keys + conv_keys("backbone._preconv.0", 32, 3, 3, False) + bn_keys("backbone._preconv.1", 32)
+
+
+def yolact_keys(backbone: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """The original's Yolact().state_dict() keys, as spec section 5.2 describes them: the backbone, proto_net, fpn,
+    the shared prediction_layers.0 and semantic_seg_conv."""
+    keys = darknet_keys() if backbone == "darknet53" else resnet_keys({"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[backbone])
     for i in (0, 2, 4, 8):
-        keys += conv(f"proto_net.{i}", 256, 256, 3)
-    keys += conv("proto_net.10", 32, 256, 1)
-    for i, cin in enumerate((2048, 1024, 512)):
-        keys += conv(f"fpn.lat_layers.{i}", 256, cin, 1)
+        keys += conv_keys(f"proto_net.{i}", 256, 256, 3)
+    keys += conv_keys("proto_net.10", 32, 256, 1)
+    c3, c4, c5 = (256, 512, 1024) if backbone == "darknet53" else (512, 1024, 2048)
+    for i, cin in enumerate((c5, c4, c3)):
+        keys += conv_keys(f"fpn.lat_layers.{i}", 256, cin, 1)
     for name in ("pred_layers.0", "pred_layers.1", "pred_layers.2", "downsample_layers.0", "downsample_layers.1"):
-        keys += conv(f"fpn.{name}", 256, 256, 3)
-    keys += conv("prediction_layers.0.upfeature.0", 256, 256, 3)
+        keys += conv_keys(f"fpn.{name}", 256, 256, 3)
+    keys += conv_keys("prediction_layers.0.upfeature.0", 256, 256, 3)
     for name, cout in (("bbox_layer", 12), ("conf_layer", 243), ("mask_layer", 96)):
-        keys += conv(f"prediction_layers.0.{name}", cout, 256, 3)
-    keys += conv("semantic_seg_conv", 80, 256, 1)
-    return keys
+        keys += conv_keys(f"prediction_layers.0.{name}", cout, 256, 3)
+    return keys + conv_keys("semantic_seg_conv", 80, 256, 1)
 
 
 def test_key_list_derivation_matches_recorded_r50(r50_keys):
-    assert yolact_keys((3, 4, 6, 3)) == r50_keys
+    assert yolact_keys("resnet50") == r50_keys
 
 
-@pytest.mark.parametrize("arch,blocks,entries,params", [("yolact_resnet50", (3, 4, 6, 3), 354, 31_164_943),
-                                                        ("yolact_resnet101", (3, 4, 23, 3), 660, 50_157_071)])
-def test_every_checkpoint_key_consumed(arch, blocks, entries, params):
-    """Spec section 0: entry and parameter counts (parameters include the dropped semantic_seg_conv)."""
-    keys = yolact_keys(blocks)
+VARIANTS = [  # arch, backbone, spec section 0: state_dict entries, parameters (incl. semantic_seg_conv), input, priors
+    ("yolact_resnet50", "resnet50", 354, 31_164_943, 550, 19248),
+    ("yolact_resnet101", "resnet101", 660, 50_157_071, 550, 19248),
+    ("yolact_im700", "resnet101", 660, 50_157_071, 700, 30963),
+    ("yolact_darknet53", "darknet53", 348, 47_783_087, 550, 19248),
+]
+
+
+@pytest.mark.parametrize("arch,backbone,entries,params,size,priors", VARIANTS)
+def test_every_checkpoint_key_consumed(arch, backbone, entries, params, size, priors):
+    """Every key of the original's checkpoint is renamed or dropped by a named rule; counts and shapes as the spec
+    gives them; the network's outputs have the original's shapes (run on the meta device: no memory, no time)."""
+    keys = yolact_keys(backbone)
     assert len(keys) == entries
     with torch.device("meta"):
         model = minseg.create_model(arch)
+        out = model(torch.empty(1, 3, size, size))
     converted = minseg.convert("yolact", meta_state(keys), arch=arch)
     assert converted.keys() == model.state_dict().keys() and len(converted) == entries - 2
     semantic = 80 * 256 + 80
     assert sum(p.numel() for p in model.parameters()) == params - semantic
+    assert out["loc"].shape == (1, priors, 4) and out["conf"].shape == (1, priors, 81)
+    assert out["priors"].shape == (priors, 4) and out["proto"].shape == (1, size // 4 + 1, size // 4 + 1, 32)
+    others = [a for a, b, *_ in VARIANTS if b != backbone]
+    with pytest.raises(CheckpointError, match="backbone; convert it with arch="):
+        minseg.convert("yolact", meta_state(keys), arch=others[0])
+
+
+def test_im700_priors():
+    model = minseg.create_model("yolact_im700")
+    assert model.cfg.scales == (30, 61, 122, 244, 488)
+    priors = model.priors([(88, 88), (44, 44), (22, 22), (11, 11), (6, 6)], torch.device("cpu"))
+    assert priors.shape == (30963, 4) and priors[0, 2].item() == pytest.approx(30 / 700)
+
+
+def test_darknet_preprocess_is_to_float():
+    model = minseg.create_model("yolact_darknet53")
+    x = model.preprocess(np.full((5, 6, 3), 51, dtype=np.uint8))
+    assert x.shape == (1, 3, 550, 550) and torch.allclose(x, torch.full_like(x, 0.2))
 
 
 def test_r101_runs_and_detects_shapes():

@@ -21,7 +21,9 @@ RULES: list[Rule] = [
     (r"backbone\.layers\.1\.(.*)", r"backbone.layer2.\1"),
     (r"backbone\.layers\.2\.(.*)", r"backbone.layer3.\1"),
     (r"backbone\.layers\.3\.(.*)", r"backbone.layer4.\1"),
+    (r"backbone\.layers\.4\.(.*)", r"backbone.layer5.\1"),  # DarkNet-53's fifth stage
     (r"backbone\.(conv1|bn1)\.(.*)", r"backbone.\1.\2"),
+    (r"backbone\._preconv\.(.*)", r"backbone.stem.\1"),     # DarkNet-53's stem
     # FPN: lat_layers/pred_layers are stored coarse-to-fine (index 0 = C5/P5); minseg indexes them fine-to-coarse
     (r"fpn\.lat_layers\.0\.(.*)", r"fpn.lateral.2.\1"),
     (r"fpn\.lat_layers\.1\.(.*)", r"fpn.lateral.1.\1"),
@@ -51,7 +53,12 @@ DROPS: list[Drop] = [
     (r"semantic_seg_conv\..*", "training-only semantic segmentation loss head; never used at inference"),
 ]
 
-ARCHS = ("yolact_resnet50", "yolact_resnet101")
+ARCHS = {  # arch -> the backbone its checkpoints carry
+    "yolact_resnet50": "ResNet-50",
+    "yolact_resnet101": "ResNet-101",
+    "yolact_im700": "ResNet-101",
+    "yolact_darknet53": "DarkNet-53",
+}
 
 
 def fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -67,21 +74,25 @@ def fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-DEPTH_BY_STAGE3_BLOCKS = {6: ("ResNet-50", "yolact_resnet50"), 23: ("ResNet-101", "yolact_resnet101")}
-
-
-def check_depth(state: dict[str, torch.Tensor], arch: str, where: str) -> None:
-    """A clear refusal when the backbone depth (blocks in stage 3) belongs to the other variant."""
+def backbone_kind(state: dict[str, torch.Tensor]) -> str | None:
+    """"DarkNet-53", "ResNet-50" or "ResNet-101" read off the key names (blocks in stage 3), None if unclear."""
+    if any(k.startswith("backbone._preconv.") for k in state):
+        return "DarkNet-53"
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.2\.(\d+)\.", k))}
-    depth = DEPTH_BY_STAGE3_BLOCKS.get(max(blocks) + 1 if blocks else -1)
-    if depth is not None and depth[1] != arch:
-        raise CheckpointError(f"{where}: has a {depth[0]} backbone ({max(blocks) + 1} blocks in stage 3); "
-                              f"convert it with arch={depth[1]!r}, not {arch!r}")
+    return {6: "ResNet-50", 23: "ResNet-101"}.get(max(blocks) + 1 if blocks else -1)
+
+
+def check_backbone(state: dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """A clear refusal, naming the archs that fit, when the checkpoint's backbone belongs to another variant."""
+    kind = backbone_kind(state)
+    if kind is not None and kind != ARCHS[arch]:
+        fits = " or ".join(repr(a) for a, k in ARCHS.items() if k == kind)
+        raise CheckpointError(f"{where}: has a {kind} backbone; convert it with arch={fits}, not {arch!r}")
 
 
 def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, torch.Tensor], dict]:
     state, where = load_source(checkpoint)
-    check_depth(state, arch, where)
+    check_backbone(state, arch, where)
     state = fill_num_batches_tracked(rename(state, RULES, DROPS, where))
     overrides = {}
     if "head.conf.weight" in state and "head.loc.weight" in state:

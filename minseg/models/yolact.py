@@ -6,8 +6,8 @@ into 32 prototype masks for the whole image. After Fast NMS each detection's mas
 sigmoid(prototypes @ coefficients), cropped to its box and resized to the image.
 
 Follows dbolya/yolact (yolact.py, layers/functions/detection.py, layers/output_utils.py,
-utils/augmentations.py FastBaseTransform) at commit 902073d with the yolact_resnet50 / yolact_base configs,
-in the original's float order so results are bitwise equal on CPU.
+utils/augmentations.py FastBaseTransform) at commit 902073d with its yolact_resnet50, yolact_base (ResNet-101),
+yolact_im700 and yolact_darknet53 configs, in the original's float order so results are bitwise equal on CPU.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minseg.backbones.resnet import ResNet, resnet
+from minseg.backbones.darknet import darknet53
+from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
 from minseg.models.fcn import check_images
 from minseg.necks.yolact_fpn import YolactFPN
@@ -32,7 +33,7 @@ STD_RGB = (58.40, 57.12, 57.38)
 
 @dataclass(frozen=True)
 class YolactConfig:
-    depth: int = 101                                   # ResNet depth: 101 for yolact_base, 50 for yolact_resnet50
+    backbone: str = "resnet101"                        # "resnet50", "resnet101" (yolact_base) or "darknet53"
     num_classes: int = 81                              # including background (class 0), like the original's cfg
     max_size: int = 550                                # input side; also normalises the prior sizes
     scales: tuple[int, ...] = (24, 48, 96, 192, 384)   # prior side in pixels at P3..P7
@@ -51,7 +52,7 @@ class Yolact(nn.Module):
     the original's network outputs before Detect. postprocess() turns them into instances.
     """
 
-    def __init__(self, cfg: YolactConfig, backbone: ResNet, fpn: YolactFPN, protonet: ProtoNet, head: PredictionHead):
+    def __init__(self, cfg: YolactConfig, backbone: nn.Module, fpn: YolactFPN, protonet: ProtoNet, head: PredictionHead):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -64,6 +65,8 @@ class Yolact(nn.Module):
         """priors_cxcywh Tensor[P, 4] for FPN levels of the given (H, W) sizes."""
         key = (tuple(sizes), str(device))
         if key not in self._priors:
+            if len(self._priors) >= 16:  # many input sizes: keep the cache small
+                self._priors.clear()
             cfg = self.cfg
             self._priors[key] = yolact_priors(sizes, cfg.scales, cfg.aspect_ratios, cfg.max_size, device=device)
         return self._priors[key]
@@ -89,7 +92,9 @@ class Yolact(nn.Module):
         cfg = self.cfg
         conf = outputs["conf"].transpose(2, 1)  # (N, C, P)
         detections = []
-        for b in range(conf.shape[0]):  # per image, as the original (decode included: same float chunks)
+        # per image, as the original: decoding one [P, 4] at a time also keeps the CPU's vectorised exp on the
+        # same element chunks as the original's, so the boxes match bitwise
+        for b in range(conf.shape[0]):
             boxes = decode_yolact(outputs["loc"][b], outputs["priors"])
             scores = conf[b, 1:, :]  # (C-1, P), background dropped
             keep = scores.max(dim=0).values > cfg.conf_thresh
@@ -116,7 +121,8 @@ class Yolact(nn.Module):
 
     def preprocess(self, rgb) -> torch.Tensor:
         """An RGB uint8 HxWx3 image (array, PIL or path) -> Tensor[1, 3, S, S], the original's FastBaseTransform:
-        bilinear resize of the 0..255 floats to S x S (no antialias, aspect not kept), then mean/std.
+        bilinear resize of the 0..255 floats to S x S (no antialias, aspect not kept), then mean/std (ResNet)
+        or / 255 (DarkNet).
 
         The original starts from cv2's BGR and flips to RGB at the end; the resize and normalisation act per
         channel, so doing them in RGB order gives the same numbers.
@@ -128,6 +134,8 @@ class Yolact(nn.Module):
         x = image.to(device).float()[None].permute(0, 3, 1, 2).contiguous()  # (1, 3, H, W)
         S = self.cfg.max_size
         x = F.interpolate(x, (S, S), mode="bilinear", align_corners=False)
+        if self.cfg.backbone == "darknet53":  # darknet_transform: to_float only
+            return x / 255
         mean = torch.tensor(MEAN_RGB, device=device).view(1, 3, 1, 1)
         std = torch.tensor(STD_RGB, device=device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -164,9 +172,18 @@ def instances(det: dict[str, torch.Tensor], proto: torch.Tensor, h: int, w: int)
             "masks": masks}
 
 
+BACKBONES = {
+    "resnet50": lambda: resnet(50, norm="bn"),    # the torchvision layout with plain BatchNorm2d (backbone.py)
+    "resnet101": lambda: resnet(101, norm="bn"),
+    "darknet53": darknet53,
+}
+
+
 def yolact(cfg: YolactConfig) -> Yolact:
-    backbone = resnet(cfg.depth, norm="bn")  # the torchvision layout with plain BatchNorm2d (backbone.py)
-    fpn = YolactFPN((512, 1024, 2048))
+    if cfg.backbone not in BACKBONES:
+        raise ValueError(f"unknown YOLACT backbone {cfg.backbone!r}; expected one of {', '.join(BACKBONES)}")
+    backbone = BACKBONES[cfg.backbone]()
+    fpn = YolactFPN(tuple(backbone.out_channels[c] for c in ("c3", "c4", "c5")))
     num_anchors = len(cfg.aspect_ratios)
     head = PredictionHead(256, num_anchors, cfg.num_classes, cfg.num_prototypes)
     return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head)
@@ -175,12 +192,27 @@ def yolact(cfg: YolactConfig) -> Yolact:
 def yolact_resnet50(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
                     max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
     """The original's yolact_resnet50_config: ResNet-50, 550 px."""
-    return yolact(YolactConfig(50, num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
+    return yolact(YolactConfig("resnet50", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
                                max_detections=max_detections, cross_class_nms=cross_class_nms))
 
 
 def yolact_resnet101(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
                      max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
     """The original's yolact_base_config: ResNet-101, 550 px."""
-    return yolact(YolactConfig(101, num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
+    return yolact(YolactConfig("resnet101", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
+                               max_detections=max_detections, cross_class_nms=cross_class_nms))
+
+
+def yolact_im700(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
+                 max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+    """The original's yolact_im700_config: yolact_base at 700 px, prior scales int(s / 550 * 700)."""
+    scales = tuple(int(s / 550 * 700) for s in (24, 48, 96, 192, 384))  # (30, 61, 122, 244, 488)
+    return yolact(YolactConfig("resnet101", num_classes, 700, scales, conf_thresh=conf_thresh, nms_thresh=nms_thresh,
+                               top_k=top_k, max_detections=max_detections, cross_class_nms=cross_class_nms))
+
+
+def yolact_darknet53(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
+                     max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+    """The original's yolact_darknet53_config: DarkNet-53 (C3-C5 = 256/512/1024 channels), 550 px, input / 255."""
+    return yolact(YolactConfig("darknet53", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
                                max_detections=max_detections, cross_class_nms=cross_class_nms))
