@@ -1,0 +1,19 @@
+"""U-Net ResNet-34 against smp.Unet on the same weights and input."""
+from __future__ import annotations
+
+import torch
+
+from minseg_ref.bench import BenchRow, alternate
+
+
+def bench(device: str, repeats: int) -> BenchRow:
+    from minseg_ref.parity_unet import build_pair
+
+    ref, ours = build_pair(num_classes=21, seed=0)
+    ref, ours = ref.to(device), ours.to(device)
+    x = torch.randn(1, 3, 512, 512, device=device)
+    t_ours, t_ref, p_ours, p_ref = alternate(lambda: ours(x), lambda: ref(x), device, repeats)
+    return BenchRow("unet_resnet34", device, "1x3x512x512", t_ours, t_ref, p_ours, p_ref)
+
+
+BENCHES = {"unet_resnet34": bench}
