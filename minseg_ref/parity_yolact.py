@@ -188,7 +188,108 @@ def check() -> ParityRow:
     return ParityRow(FIXTURE, ORIGINAL, tally.max_abs, tally.max_rel, not failed, detail)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# the other variants: no recorded outputs, so structure only, from the key lists the spec (section 5.2) describes
+
+def bn_keys(prefix: str, c: int) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(f"{prefix}.{n}", (c,), "float32") for n in ("weight", "bias", "running_mean", "running_var")] + \
+           [(f"{prefix}.num_batches_tracked", (), "int64")]
+
+
+def conv_keys(name: str, cout: int, cin: int, k: int, bias: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(f"{name}.weight", (cout, cin, k, k), "float32")] + ([(f"{name}.bias", (cout,), "float32")] if bias else [])
+
+
+def resnet_keys(blocks: tuple[int, ...]) -> list:
+    """backbone.py ResNetBackbone: `layers` (created first) then the stem; downsample in block 0 of every stage."""
+    keys, inplanes = [], 64
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i in range(n):
+            p = f"backbone.layers.{stage}.{i}"
+            keys += conv_keys(f"{p}.conv1", planes, inplanes, 1, False) + bn_keys(f"{p}.bn1", planes)
+            keys += conv_keys(f"{p}.conv2", planes, planes, 3, False) + bn_keys(f"{p}.bn2", planes)
+            keys += conv_keys(f"{p}.conv3", planes * 4, planes, 1, False) + bn_keys(f"{p}.bn3", planes * 4)
+            if i == 0:
+                keys += conv_keys(f"{p}.downsample.0", planes * 4, inplanes, 1, False)
+                keys += bn_keys(f"{p}.downsample.1", planes * 4)
+            inplanes = planes * 4
+    return keys + conv_keys("backbone.conv1", 64, 3, 7, False) + bn_keys("backbone.bn1", 64)
+
+
+def darknet_keys() -> list:
+    """backbone.py DarkNetBackbone: `layers` (each a stride-2 conv layer then blocks of conv1/conv2), then _preconv."""
+    keys, cin = [], 32
+    for stage, n in enumerate((1, 2, 8, 8, 4)):
+        p = f"backbone.layers.{stage}"
+        keys += conv_keys(f"{p}.0.0", cin * 2, cin, 3, False) + bn_keys(f"{p}.0.1", cin * 2)
+        cin *= 2
+        for i in range(1, n + 1):
+            keys += conv_keys(f"{p}.{i}.conv1.0", cin // 2, cin, 1, False) + bn_keys(f"{p}.{i}.conv1.1", cin // 2)
+            keys += conv_keys(f"{p}.{i}.conv2.0", cin, cin // 2, 3, False) + bn_keys(f"{p}.{i}.conv2.1", cin)
+    return keys + conv_keys("backbone._preconv.0", 32, 3, 3, False) + bn_keys("backbone._preconv.1", 32)
+
+
+def yolact_keys(backbone: str) -> list[tuple[str, tuple[int, ...], str]]:
+    """The original's Yolact().state_dict() keys, as spec section 5.2 describes them: the backbone, proto_net, fpn,
+    the shared prediction_layers.0 and semantic_seg_conv."""
+    keys = darknet_keys() if backbone == "darknet53" else resnet_keys({"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[backbone])
+    for i in (0, 2, 4, 8):
+        keys += conv_keys(f"proto_net.{i}", 256, 256, 3)
+    keys += conv_keys("proto_net.10", 32, 256, 1)
+    c3, c4, c5 = (256, 512, 1024) if backbone == "darknet53" else (512, 1024, 2048)
+    for i, cin in enumerate((c5, c4, c3)):
+        keys += conv_keys(f"fpn.lat_layers.{i}", 256, cin, 1)
+    for name in ("pred_layers.0", "pred_layers.1", "pred_layers.2", "downsample_layers.0", "downsample_layers.1"):
+        keys += conv_keys(f"fpn.{name}", 256, 256, 3)
+    keys += conv_keys("prediction_layers.0.upfeature.0", 256, 256, 3)
+    for name, cout in (("bbox_layer", 12), ("conf_layer", 243), ("mask_layer", 96)):
+        keys += conv_keys(f"prediction_layers.0.{name}", cout, 256, 3)
+    return keys + conv_keys("semantic_seg_conv", 80, 256, 1)
+
+
+def meta_state(keys) -> dict[str, torch.Tensor]:
+    """Shapes without storage: enough for structural checks of large checkpoints."""
+    return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, shape, dtype in keys}
+
+
+VARIANTS = {  # arch: (backbone, spec section 0: state_dict entries, parameters incl. semantic_seg_conv, input, priors)
+    "yolact_resnet50": ("resnet50", 354, 31_164_943, 550, 19248),
+    "yolact_resnet101": ("resnet101", 660, 50_157_071, 550, 19248),
+    "yolact_im700": ("resnet101", 660, 50_157_071, 700, 30963),
+    "yolact_darknet53": ("darknet53", 348, 47_783_087, 550, 19248),
+}
+
+
+def structure_problems(arch: str) -> list[str]:
+    """Every key of the original's checkpoint renamed or dropped by a named rule, the spec's entry and parameter
+    counts, the original's output shapes (a meta-device forward: no memory, no time). [] when all hold."""
+    backbone, entries, params, size, priors = VARIANTS[arch]
+    keys = yolact_keys(backbone)
+    with torch.device("meta"):
+        model = minseg.create_model(arch)
+        out = model(torch.empty(1, 3, size, size))
+    converted = minseg.convert("yolact", meta_state(keys), arch=arch)
+    checks = {
+        f"{entries} checkpoint entries": len(keys) == entries,
+        "every entry converted or dropped": converted.keys() == model.state_dict().keys() and len(converted) == entries - 2,
+        f"{params:,} parameters": sum(p.numel() for p in model.parameters()) + 80 * 256 + 80 == params,
+        f"{priors} priors": out["loc"].shape == (1, priors, 4) and out["priors"].shape == (priors, 4),
+        "proto at 1/4": out["proto"].shape == (1, size // 4 + 1, size // 4 + 1, 32),
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
+def structure_check(arch: str) -> ParityRow:
+    problems = structure_problems(arch)
+    _, entries, params, *_ = VARIANTS[arch]
+    detail = f"structure only: {entries} keys consumed, {params:,} params as the original" if not problems else \
+        f"FAIL: {', '.join(problems)}"
+    return ParityRow(arch, "dbolya/yolact key list (no recorded outputs)", float("nan"), float("nan"), not problems, detail)
+
+
 CHECKS = {FIXTURE: (ORIGINAL, check)}
+CHECKS.update({arch: (f"dbolya/yolact {arch} key list", lambda arch=arch: structure_check(arch))
+               for arch in VARIANTS if arch != FIXTURE})
 
 if __name__ == "__main__":
     print(json.dumps(run_report()))

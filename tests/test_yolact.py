@@ -1,8 +1,8 @@
 """yolact_resnet50 / yolact_resnet101 against dbolya/yolact: every stage of the recorded fixture, the converter's
 rules and edge cases, and the structure of the ResNet-101 (yolact_base) checkpoint derived from the spec."""
 import copy
-import math
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -13,6 +13,7 @@ from minseg.convert import convert_with_overrides
 from minseg.errors import CheckpointError
 from minseg_ref import parity_yolact as ref
 from minseg_ref.common import diff, load_synth
+from minseg_ref.parity_yolact import meta_state, yolact_keys
 
 from conftest import cuda
 
@@ -150,11 +151,11 @@ def test_zero_detections(model, small_outputs):
     assert det["masks"].shape == (0, 30, 41) and det["masks"].dtype == torch.bool
 
 
-def test_threshold_override_gives_zero_detections(synth_state):
-    state = minseg.convert("yolact", synth_state, arch="yolact_resnet50")
-    model = minseg.create_model("yolact_resnet50", conf_thresh=1.0)
-    model.load_state_dict(state, strict=True)
-    (det,) = model.predict(np.zeros((20, 30, 3), dtype=np.uint8))
+def test_threshold_override_gives_zero_detections(model, small_outputs):
+    strict = minseg.create_model("yolact_resnet50", conf_thresh=1.0)  # no softmax score exceeds 1
+    strict.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        (det,) = strict.postprocess(strict(small_outputs[0][..., :64, :96]), [(20, 30)])
     assert det["labels"].numel() == 0 and det["masks"].shape == (0, 20, 30)
 
 
@@ -227,11 +228,6 @@ def test_cuda_autocast_float16(model, recorded):
 
 def zeros_state(keys) -> dict[str, torch.Tensor]:
     return {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, shape, dtype in keys}
-
-
-def meta_state(keys) -> dict[str, torch.Tensor]:
-    """Shapes without storage: enough for structural checks of large checkpoints."""
-    return {k: torch.empty(shape, dtype=getattr(torch, dtype), device="meta") for k, shape, dtype in keys}
 
 
 @pytest.fixture(scope="module")
@@ -310,92 +306,19 @@ def test_convert_reads_num_classes_from_shapes(r50_keys):
 # ---------------------------------------------------------------------------------------------------------------------
 # ResNet-101 (yolact_base): structure from the spec's key list
 
-def bn_keys(prefix: str, c: int) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(f"{prefix}.{n}", (c,), "float32") for n in ("weight", "bias", "running_mean", "running_var")] + \
-           [(f"{prefix}.num_batches_tracked", (), "int64")]
-
-
-def conv_keys(name: str, cout: int, cin: int, k: int, bias: bool = True) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(f"{name}.weight", (cout, cin, k, k), "float32")] + ([(f"{name}.bias", (cout,), "float32")] if bias else [])
-
-
-def resnet_keys(blocks: tuple[int, ...]) -> list:
-    """backbone.py ResNetBackbone: `layers` (created first) then the stem; downsample in block 0 of every stage."""
-    keys, inplanes = [], 64
-    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), blocks)):
-        for i in range(n):
-            p = f"backbone.layers.{stage}.{i}"
-            keys += conv_keys(f"{p}.conv1", planes, inplanes, 1, False) + bn_keys(f"{p}.bn1", planes)
-            keys += conv_keys(f"{p}.conv2", planes, planes, 3, False) + bn_keys(f"{p}.bn2", planes)
-            keys += conv_keys(f"{p}.conv3", planes * 4, planes, 1, False) + bn_keys(f"{p}.bn3", planes * 4)
-            if i == 0:
-                keys += conv_keys(f"{p}.downsample.0", planes * 4, inplanes, 1, False)
-                keys += bn_keys(f"{p}.downsample.1", planes * 4)
-            inplanes = planes * 4
-    return keys + conv_keys("backbone.conv1", 64, 3, 7, False) + bn_keys("backbone.bn1", 64)
-
-
-def darknet_keys() -> list:
-    """backbone.py DarkNetBackbone: `layers` (each a stride-2 conv layer then blocks of conv1/conv2), then _preconv."""
-    keys, cin = [], 32
-    for stage, n in enumerate((1, 2, 8, 8, 4)):
-        p = f"backbone.layers.{stage}"
-        keys += conv_keys(f"{p}.0.0", cin * 2, cin, 3, False) + bn_keys(f"{p}.0.1", cin * 2)
-        cin *= 2
-        for i in range(1, n + 1):
-            keys += conv_keys(f"{p}.{i}.conv1.0", cin // 2, cin, 1, False) + bn_keys(f"{p}.{i}.conv1.1", cin // 2)
-            keys += conv_keys(f"{p}.{i}.conv2.0", cin, cin // 2, 3, False) + bn_keys(f"{p}.{i}.conv2.1", cin)
-    return keys + conv_keys("backbone._preconv.0", 32, 3, 3, False) + bn_keys("backbone._preconv.1", 32)
-
-
-def yolact_keys(backbone: str) -> list[tuple[str, tuple[int, ...], str]]:
-    """The original's Yolact().state_dict() keys, as spec section 5.2 describes them: the backbone, proto_net, fpn,
-    the shared prediction_layers.0 and semantic_seg_conv."""
-    keys = darknet_keys() if backbone == "darknet53" else resnet_keys({"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3)}[backbone])
-    for i in (0, 2, 4, 8):
-        keys += conv_keys(f"proto_net.{i}", 256, 256, 3)
-    keys += conv_keys("proto_net.10", 32, 256, 1)
-    c3, c4, c5 = (256, 512, 1024) if backbone == "darknet53" else (512, 1024, 2048)
-    for i, cin in enumerate((c5, c4, c3)):
-        keys += conv_keys(f"fpn.lat_layers.{i}", 256, cin, 1)
-    for name in ("pred_layers.0", "pred_layers.1", "pred_layers.2", "downsample_layers.0", "downsample_layers.1"):
-        keys += conv_keys(f"fpn.{name}", 256, 256, 3)
-    keys += conv_keys("prediction_layers.0.upfeature.0", 256, 256, 3)
-    for name, cout in (("bbox_layer", 12), ("conf_layer", 243), ("mask_layer", 96)):
-        keys += conv_keys(f"prediction_layers.0.{name}", cout, 256, 3)
-    return keys + conv_keys("semantic_seg_conv", 80, 256, 1)
-
-
 def test_key_list_derivation_matches_recorded_r50(r50_keys):
     assert yolact_keys("resnet50") == r50_keys
 
 
-VARIANTS = [  # arch, backbone, spec section 0: state_dict entries, parameters (incl. semantic_seg_conv), input, priors
-    ("yolact_resnet50", "resnet50", 354, 31_164_943, 550, 19248),
-    ("yolact_resnet101", "resnet101", 660, 50_157_071, 550, 19248),
-    ("yolact_im700", "resnet101", 660, 50_157_071, 700, 30963),
-    ("yolact_darknet53", "darknet53", 348, 47_783_087, 550, 19248),
-]
-
-
-@pytest.mark.parametrize("arch,backbone,entries,params,size,priors", VARIANTS)
-def test_every_checkpoint_key_consumed(arch, backbone, entries, params, size, priors):
-    """Every key of the original's checkpoint is renamed or dropped by a named rule; counts and shapes as the spec
-    gives them; the network's outputs have the original's shapes (run on the meta device: no memory, no time)."""
-    keys = yolact_keys(backbone)
-    assert len(keys) == entries
-    with torch.device("meta"):
-        model = minseg.create_model(arch)
-        out = model(torch.empty(1, 3, size, size))
-    converted = minseg.convert("yolact", meta_state(keys), arch=arch)
-    assert converted.keys() == model.state_dict().keys() and len(converted) == entries - 2
-    semantic = 80 * 256 + 80
-    assert sum(p.numel() for p in model.parameters()) == params - semantic
-    assert out["loc"].shape == (1, priors, 4) and out["conf"].shape == (1, priors, 81)
-    assert out["priors"].shape == (priors, 4) and out["proto"].shape == (1, size // 4 + 1, size // 4 + 1, 32)
-    others = [a for a, b, *_ in VARIANTS if b != backbone]
+@pytest.mark.parametrize("arch", list(ref.VARIANTS))
+def test_every_checkpoint_key_consumed(arch):
+    """Every key of the original's checkpoint (spec section 5.2) is renamed or dropped by a named rule; entry and
+    parameter counts as spec section 0 gives them; the original's output shapes (a meta-device forward)."""
+    assert ref.structure_problems(arch) == []
+    backbone = ref.VARIANTS[arch][0]
+    other = next(a for a, v in ref.VARIANTS.items() if v[0] != backbone)
     with pytest.raises(CheckpointError, match="backbone; convert it with arch="):
-        minseg.convert("yolact", meta_state(keys), arch=others[0])
+        minseg.convert("yolact", meta_state(yolact_keys(backbone)), arch=other)
 
 
 def test_im700_priors():
