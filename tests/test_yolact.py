@@ -389,3 +389,24 @@ def test_crop_masks_matches_loop():
             for c in range(11):
                 inside = x1 <= c < x2 and y1 <= r < y2
                 assert out[r, c, k] == (masks[r, c, k] if inside else 0), (k, r, c)
+
+
+def test_resnet101_backbone_equals_torchvision_layout():
+    """The YOLACT flavour of the shared ResNet is torchvision's layout with plain BatchNorm: loading a torchvision
+    resnet101's weights (random, with non-trivial BN statistics) gives the same stage outputs bitwise."""
+    import torchvision
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet101(weights=None).eval()
+    for m in tv.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.2, 0.4)
+    backbone = minseg.create_model("yolact_resnet101").backbone
+    backbone.load_state_dict({k: v for k, v in tv.state_dict().items() if not k.startswith("fc.")}, strict=True)
+    x = torch.randn(1, 3, 75, 99)
+    with torch.no_grad():
+        ours = backbone(x)
+        y = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+        for name, layer in zip(("c2", "c3", "c4", "c5"), (tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
+            y = layer(y)
+            assert torch.equal(ours[name], y), name

@@ -29,6 +29,7 @@ from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordina
 # FastBaseTransform's normalisation (data/config.py MEANS/STD, listed there in BGR order), here in RGB order
 MEAN_RGB = (123.68, 116.78, 103.94)
 STD_RGB = (58.40, 57.12, 57.38)
+MASK_CHUNK = 16  # masks resized to the image size at a time in postprocess
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,10 @@ def instances(det: dict[str, torch.Tensor], proto: torch.Tensor, h: int, w: int)
     masks = torch.sigmoid(proto @ coeffs.t())  # (S, S, K)
     masks = crop_masks(masks, boxes_rel)
     masks = masks.permute(2, 0, 1).contiguous()  # (K, S, S)
-    masks = F.interpolate(masks[None], (h, w), mode="bilinear", align_corners=False)[0] > 0.5  # (K, h, w)
+    # resize to the image and threshold, a few masks at a time: the same numbers as all at once (each mask is
+    # resized on its own) without a [K, h, w] float tensor in memory
+    masks = torch.cat([F.interpolate(chunk[None], (h, w), mode="bilinear", align_corners=False)[0] > 0.5
+                       for chunk in masks.split(MASK_CHUNK)])  # (K, h, w)
     # boxes: to pixels, ordered, clamped to the image
     x1, x2 = sanitize_coordinates(boxes_rel[:, 0], boxes_rel[:, 2], w)
     y1, y2 = sanitize_coordinates(boxes_rel[:, 1], boxes_rel[:, 3], h)
