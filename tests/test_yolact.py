@@ -95,6 +95,18 @@ def test_fixture_bitwise_with_recorded_kernels(recorded):
     assert [name for name, equal, *_ in rows if not equal] == []
 
 
+def test_detect_and_postprocess_bitwise_on_recorded_outputs(model, recorded):
+    """Detect and postprocess fed the original's own network outputs: bitwise on any CPU (no conv involved), so
+    the decode, Fast NMS, mask assembly, crop and resize follow the original's float order exactly."""
+    fx = recorded[0]
+    outputs = {k: fx[f"tensor.{k}"] for k in ("loc", "conf", "mask", "priors", "proto")}
+    pairs = ref.detection_pairs("tensor.det", model.detect(outputs)[0], fx)
+    for prefix, (h, w) in ref.POST_SIZES.items():
+        (post,) = model.postprocess(outputs, [(h, w)])
+        pairs.update(ref.postprocessed_pairs(f"tensor.{prefix}", post, fx, w, f"tensor.{prefix}.masks_packbits" in fx))
+    assert [name for name, (ours, expected) in pairs.items() if not ref.compare(ours, expected)[0]] == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # batches, odd sizes, zero detections, autocast, CUDA
 
