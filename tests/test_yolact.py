@@ -243,8 +243,10 @@ def zeros_state(keys) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def r50_keys(recorded):
-    return load_synth().read_keys(recorded[2] / "keys.tsv")
+def r50_keys():
+    """yolact_resnet50's checkpoint keys as the spec describes them (checked against the fixture's keys.tsv below),
+    so the converter tests run without the fixture."""
+    return yolact_keys("resnet50")
 
 
 def test_convert_without_num_batches_tracked(r50_keys, synth_state):
@@ -292,6 +294,13 @@ def test_convert_unknown_key_is_named(r50_keys):
         minseg.convert("yolact", state, arch="yolact_resnet50")
 
 
+def test_convert_refuses_yolact_plus_plus(r50_keys):
+    state = zeros_state(r50_keys)
+    state["maskiou_net.maskiou_net.0.weight"] = torch.zeros(8, 1, 3, 3)
+    with pytest.raises(CheckpointError, match="YOLACT\\+\\+"):
+        minseg.convert("yolact", state, arch="yolact_resnet50")
+
+
 def test_convert_missing_key_is_named(r50_keys):
     state = zeros_state(r50_keys)
     del state["proto_net.10.bias"]
@@ -318,8 +327,8 @@ def test_convert_reads_num_classes_from_shapes(r50_keys):
 # ---------------------------------------------------------------------------------------------------------------------
 # ResNet-101 (yolact_base): structure from the spec's key list
 
-def test_key_list_derivation_matches_recorded_r50(r50_keys):
-    assert yolact_keys("resnet50") == r50_keys
+def test_key_list_derivation_matches_recorded_r50(recorded):
+    assert yolact_keys("resnet50") == load_synth().read_keys(recorded[2] / "keys.tsv")
 
 
 @pytest.mark.parametrize("arch", list(ref.VARIANTS))

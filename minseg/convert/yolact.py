@@ -75,7 +75,9 @@ def fill_num_batches_tracked(state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def backbone_kind(state: dict[str, torch.Tensor]) -> str | None:
-    """"DarkNet-53", "ResNet-50" or "ResNet-101" read off the key names (blocks in stage 3), None if unclear."""
+    """The backbone ("DarkNet-53", "ResNet-50", "ResNet-101") read off the key names, None if unclear."""
+    if any(".conv_offset_mask." in k or k.startswith("maskiou_net.") for k in state):
+        return "YOLACT++ (DCNv2, maskiou_net)"
     if any(k.startswith("backbone._preconv.") for k in state):
         return "DarkNet-53"
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.2\.(\d+)\.", k))}
@@ -87,6 +89,9 @@ def check_backbone(state: dict[str, torch.Tensor], arch: str, where: str) -> Non
     kind = backbone_kind(state)
     if kind is not None and kind != ARCHS[arch]:
         fits = " or ".join(repr(a) for a, k in ARCHS.items() if k == kind)
+        if not fits:
+            raise CheckpointError(f"{where}: is a {kind} checkpoint; minseg converts YOLACT ({', '.join(ARCHS)}), "
+                                  "not YOLACT++")
         raise CheckpointError(f"{where}: has a {kind} backbone; convert it with arch={fits}, not {arch!r}")
 
 
