@@ -431,3 +431,14 @@ def test_resnet101_backbone_equals_torchvision_layout():
         for name, layer in zip(("c2", "c3", "c4", "c5"), (tv.layer1, tv.layer2, tv.layer3, tv.layer4)):
             y = layer(y)
             assert torch.equal(ours[name], y), name
+
+
+def test_converted_weights_round_trip(synth_state, tmp_path):
+    """convert -> minseg .safetensors -> create_model(weights=...): every tensor as converted, in eval mode."""
+    from minseg.weights import save_weights
+
+    converted, overrides = convert_with_overrides("yolact", synth_state, arch="yolact_resnet50")
+    save_weights(converted, tmp_path / "y.safetensors", arch="yolact_resnet50", source="yolact", overrides=overrides)
+    model = minseg.create_model("yolact_resnet50", weights=str(tmp_path / "y.safetensors"))
+    assert not model.training
+    assert all(torch.equal(v, converted[k]) for k, v in model.state_dict().items())
