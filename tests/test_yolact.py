@@ -1,5 +1,7 @@
-"""yolact_resnet50 / yolact_resnet101 against dbolya/yolact: every stage of the recorded fixture, the converter's
-rules and edge cases, and the structure of the ResNet-101 (yolact_base) checkpoint derived from the spec."""
+"""YOLACT against dbolya/yolact: every stage of the recorded yolact_resnet50 fixture (bitwise with the recording
+machine's CPU kernels), Detect and postprocess on the recorded network outputs, batches, odd sizes, zero detections
+and autocast, the converter's rules and refusals, the checkpoint structure of every variant (yolact_resnet101 =
+yolact_base, im700, darknet53) as the spec describes it, and YOLACT's box ops against direct loops."""
 import copy
 import dataclasses
 import math
