@@ -1,0 +1,188 @@
+"""Box operations on absolute-pixel xyxy boxes: area, IoU, clipping, NMS.
+
+Drop-in equivalents of torchvision.ops (torchvision/ops/boxes.py and csrc/ops/cpu/nms_kernel.cpp), written
+in plain tensor ops. Boxes are `Tensor[N, 4]` as (x1, y1, x2, y2) with no +1 on widths (the torchvision and
+detectron2 convention).
+
+NMS is exact greedy NMS: the same keep set in the same order as torchvision's CPU kernel, including which of
+two tied scores wins (ties are visited in index order, as the kernel's stable sort does). Instead of
+visiting boxes one by one, boxes are taken in score-sorted blocks; inside a block the greedy decision is the
+unique fixpoint of "keep j unless a kept higher-scored box overlaps it", reached by a few boolean
+matrix-vector steps (Cluster-NMS, Zheng et al. 2020); the block's kept boxes then suppress later boxes at once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """float16/bfloat16 -> float32 and small ints -> int32, so products do not overflow (torchvision's rule)."""
+    if t.is_floating_point():
+        return t if t.dtype in (torch.float32, torch.float64) else t.float()
+    return t if t.dtype in (torch.int32, torch.int64) else t.int()
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Tensor[..., 4] xyxy -> Tensor[...] areas (x2 - x1) * (y2 - y1)."""
+    boxes = _upcast(boxes)
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def _inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
+    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # (..., N, M, 2)
+    wh = _upcast(rb - lt).clamp(min=0)  # (..., N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]  # (..., N, M)
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    return inter, union
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise IoU: Tensor[..., N, 4], Tensor[..., M, 4] xyxy -> Tensor[..., N, M].
+
+    Two empty boxes give 0/0 = NaN, as in torchvision.
+    """
+    inter, union = _inter_union(boxes1, boxes2)
+    return inter / union
+
+
+def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clamp x to [0, width] and y to [0, height]. boxes: Tensor[..., 4]; size: (height, width)."""
+    height, width = size
+    x = boxes[..., 0::2].clamp(min=0, max=width)
+    y = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((x, y), dim=boxes.dim()).reshape(boxes.shape)  # (..., 2, 2) -> (..., 4)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices (Tensor[K] int64) of the boxes whose width and height are both >= min_size."""
+    ws = boxes[..., 2] - boxes[..., 0]
+    hs = boxes[..., 3] - boxes[..., 1]
+    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+
+
+def _threshold_below(iou_threshold: float, dtype: torch.dtype) -> float:
+    """The largest value t of `dtype` with t <= iou_threshold.
+
+    torchvision compares a float32 IoU with a float64 threshold (`ovr > iou_threshold` in C++); a float32
+    tensor compared with a Python float rounds the threshold to float32 instead. For float32 x,
+    x > iou_threshold exactly when x > t, so comparing against t reproduces the C++ comparison.
+    """
+    if dtype == torch.float64 or not math.isfinite(iou_threshold):
+        return iou_threshold
+    t = torch.tensor(iou_threshold, dtype=torch.float32)
+    if t.item() > iou_threshold:
+        t = torch.nextafter(t, torch.tensor(-math.inf))
+    return t.item()
+
+
+def _pairwise_suppress(a: Tensor, area_a: Tensor, b: Tensor, area_b: Tensor, threshold: float) -> Tensor:
+    """Bool Tensor[Na, Nb]: IoU(a_i, b_j) > threshold, in the float order of torchvision's nms_kernel.cpp."""
+    w = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0])).clamp_(min=0)
+    h = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1])).clamp_(min=0)
+    inter = w.mul_(h)  # (Na, Nb)
+    union = (area_a[:, None] + area_b[None, :]).sub_(inter)
+    return inter.div_(union) > threshold
+
+
+def _block_fixpoint(over: Tensor, candidate: Tensor) -> Tensor:
+    """Greedy NMS inside one block of score-sorted boxes.
+
+    over: Bool Tensor[B, B], over[i, j] = IoU > threshold (and i may suppress j); candidate: Bool Tensor[B],
+    boxes not already suppressed by earlier blocks. Returns Bool Tensor[B]: keep[j] = candidate[j] and no kept
+    i < j has over[i, j]. That rule has a unique solution; iterating it from keep = candidate reaches it in
+    (longest suppression chain) steps.
+    """
+    over = torch.triu(over, diagonal=1)
+    keep = candidate
+    while True:
+        suppressed = (over & keep[:, None]).any(dim=0)  # (B,)
+        new_keep = candidate & ~suppressed
+        if torch.equal(new_keep, keep):
+            return keep
+        keep = new_keep
+
+
+def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int = 256) -> Tensor:
+    """Bool Tensor[N]: greedy NMS decisions for boxes already sorted by descending score.
+
+    boxes: Tensor[N, 4]; labels: optional Tensor[N]; when given, only boxes with equal labels suppress each other.
+    """
+    N = boxes.shape[0]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = torch.ones(N, dtype=torch.bool, device=boxes.device)
+    for start in range(0, N, block):
+        stop = min(start + block, N)
+        blk, blk_area = boxes[start:stop], area[start:stop]
+        over = _pairwise_suppress(blk, blk_area, blk, blk_area, threshold)  # (B, B)
+        if labels is not None:
+            over &= labels[start:stop, None] == labels[None, start:stop]
+        keep[start:stop] = _block_fixpoint(over, keep[start:stop])
+        if stop == N:
+            break
+        # The block's kept boxes suppress the later boxes that are still alive.
+        kept = torch.nonzero(keep[start:stop]).squeeze(1) + start  # (k,)
+        alive = torch.nonzero(keep[stop:]).squeeze(1) + stop  # (a,)
+        if kept.numel() == 0 or alive.numel() == 0:
+            continue
+        over = _pairwise_suppress(boxes[kept], area[kept], boxes[alive], area[alive], threshold)  # (k, a)
+        if labels is not None:
+            over &= labels[kept, None] == labels[None, alive]
+        keep[alive[over.any(dim=0)]] = False
+    return keep
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """Greedy non-maximum suppression, identical to torchvision.ops.nms.
+
+    boxes: Tensor[N, 4] xyxy; scores: Tensor[N]. A box is dropped when its IoU with a kept higher-scored box
+    is > iou_threshold. Returns Tensor[K] int64 indices of kept boxes, by decreasing score. float16/bfloat16
+    boxes are compared in float32 (torchvision's CPU kernel does not accept them).
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    boxes = _upcast(boxes)
+    # a stable sort: torchvision's kernel visits tied scores in index order
+    order = scores.sort(dim=0, descending=True, stable=True)[1]
+    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype))
+    return order[keep]
+
+
+def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """torchvision's `_batched_nms_vanilla` (NMS class by class, then all kept indices sorted by score).
+
+    One greedy pass over all boxes in stably sorted score order, where only boxes of the same class suppress
+    each other: within a class that is the order and the decisions of a per-class NMS.
+    """
+    boxes = _upcast(boxes)
+    order = scores.sort(dim=0, descending=True, stable=True)[1]
+    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), labels=idxs[order])
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    keep_mask[order[keep]] = True
+    kept = torch.where(keep_mask)[0]
+    # kept: torchvision orders the result with the default (unstable) sort, so ties may interleave classes
+    return kept[scores[kept].sort(descending=True)[1]]
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """NMS independently per category, identical to torchvision.ops.batched_nms.
+
+    boxes: Tensor[N, 4] xyxy; scores: Tensor[N]; idxs: Tensor[N] int category of each box.
+    Returns Tensor[K] int64 kept indices by decreasing score.
+
+    Follows torchvision/ops/boxes.py, including its switch: up to 4000 box coordinates on CPU (100,000 on
+    CUDA) it shifts each category's boxes by idx * (max coordinate + 1) and runs one NMS (the shifted float
+    coordinates round differently, so the switch is kept for parity); above that it runs NMS per category.
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
+        return _class_aware_nms(boxes, scores, idxs, iou_threshold)
+    max_coordinate = boxes.max()
+    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    return nms(boxes + offsets[:, None], scores, iou_threshold)

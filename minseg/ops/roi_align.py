@@ -1,0 +1,227 @@
+"""RoIAlign (He et al., Mask R-CNN 2017) in plain tensor ops, and multi-scale (FPN) RoI pooling.
+
+Each output bin of a RoI is the mean of a grid of bilinearly interpolated samples. We follow torchvision's
+CPU kernel (torchvision/csrc/ops/cpu/roi_align_kernel.cpp and roi_align_common.h) rule for rule:
+
+- RoI in feature coordinates: start = x1 * scale - offset, with offset 0.5 when `aligned` (pixel centres at
+  .5) and 0 otherwise; without `aligned` a RoI is at least 1x1.
+- Each of the P bins per axis holds g samples at start + p * bin + (i + .5) * bin / g, where g is
+  `sampling_ratio`, or ceil(roi_size / P) per RoI and per axis when sampling_ratio <= 0 (adaptive).
+- A sample outside [-1, size] contributes 0; one in [-1, 0] reads row 0; one past size - 1 reads the last row.
+- The bin value is the sum over samples divided by max(g_h * g_w, 1).
+
+Every sample is 4 weighted reads of a C-vector, so with features stored channels-last as a table of rows
+`(N*H*W, C)` an output bin is a weighted sum of table rows: exactly `F.embedding_bag(mode="sum",
+per_sample_weights=...)`, one fused multi-threaded kernel over all RoIs (and, for FPN pooling, over all levels
+at once). Sample positions and weights use the kernel's own float32 expressions, so only the order of the final
+sum differs (max |diff| ~1e-6 on unit-scale features). With sampling_ratio > 0 shapes depend only on K, P and
+g: no host-device synchronisation. The adaptive case reads one total sample count to the host.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_MAX_ENTRIES = 1 << 22  # gathered rows per embedding_bag call (bounds the index/weight temporaries)
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def boxes_to_rois(boxes: Tensor | list[Tensor]) -> Tensor:
+    """A list of per-image Tensor[L_i, 4] -> Tensor[K, 5] (batch index, x1, y1, x2, y2); Tensor[K, 5] passes."""
+    if isinstance(boxes, Tensor):
+        return boxes
+    concat = torch.cat(boxes, dim=0)
+    ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)  # (K, 1)
+    return torch.cat([ids, concat], dim=1)
+
+
+def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sample positions along one axis -> (lo, hi) int64 rows and (w_lo, w_hi) weights, 0 where invalid.
+
+    pos: float Tensor[...]; size: Tensor broadcastable to pos (the feature size on this axis).
+    roi_align_common.h: invalid outside [-1, size]; clamp below at 0; at or past size - 1 read size - 1 only.
+    """
+    valid = (pos >= -1.0) & (pos <= size)  # NaN positions are invalid, as in the kernel
+    pos = torch.where(valid, pos.clamp(min=0), torch.zeros_like(pos))
+    last = (size - 1).to(pos.dtype)
+    lo = pos.floor()
+    at_edge = lo >= last
+    lo = torch.where(at_edge, last, lo)
+    pos = torch.where(at_edge, lo, pos)
+    frac = pos - lo
+    w_hi = torch.where(valid, frac, torch.zeros_like(frac))
+    w_lo = torch.where(valid, 1 - frac, torch.zeros_like(frac))
+    lo = lo.long()
+    hi = torch.where(at_edge, lo, lo + 1)
+    return lo, hi, w_lo, w_hi
+
+
+def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool):
+    """Per-RoI start and bin size along y and x, and the RoI sizes, in the kernel's float order."""
+    offset = 0.5 if aligned else 0.0
+    x1 = rois[:, 1] * scale - offset
+    y1 = rois[:, 2] * scale - offset
+    x2 = rois[:, 3] * scale - offset
+    y2 = rois[:, 4] * scale - offset
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:  # kept: malformed RoIs are forced to 1x1
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    return y1, x1, roi_h / P[0], roi_w / P[1], roi_h, roi_w
+
+
+def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
+    """start + p * bin + ((i + .5) * bin) / grid, evaluated left to right as in the kernel."""
+    return (start + p * bin_size) + ((i + 0.5) * bin_size) / grid
+
+
+def _pool_fixed(table, rois, base, height, width, scale, P, g, aligned) -> Tensor:
+    """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
+    K = rois.shape[0]
+    Ph, Pw = P
+    y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
+    dtype, device = y1.dtype, y1.device
+    grid = torch.full((), g, dtype=dtype, device=device)
+    ii = torch.arange(g, dtype=dtype, device=device)
+    py = _positions(y1[:, None, None], bin_h[:, None, None], grid,
+                    torch.arange(Ph, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Ph, g)
+    px = _positions(x1[:, None, None], bin_w[:, None, None], grid,
+                    torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
+    ylo, yhi, wylo, wyhi = _bilinear_taps(py, height.to(dtype)[:, None, None])
+    xlo, xhi, wxlo, wxhi = _bilinear_taps(px, width.to(dtype)[:, None, None])
+    rows = torch.stack((ylo, yhi), dim=-1) * width[:, None, None, None]  # (K, Ph, g, 2)
+    cols = torch.stack((xlo, xhi), dim=-1)  # (K, Pw, g, 2)
+    wy = torch.stack((wylo, wyhi), dim=-1)
+    wx = torch.stack((wxlo, wxhi), dim=-1)
+    # entry order per bin: (iy, ix, y tap, x tap) = the kernel's (w1, w2, w3, w4) per sample
+    idx = (base[:, None, None, None, None, None, None] + rows[:, :, None, :, None, :, None]
+           + cols[:, None, :, None, :, None, :])  # (K, Ph, Pw, g, g, 2, 2)
+    wts = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]  # (K, Ph, Pw, g, g, 2, 2)
+    L = 4 * g * g
+    out = F.embedding_bag(idx.reshape(K * Ph * Pw, L), table, per_sample_weights=wts.reshape(K * Ph * Pw, L),
+                          mode="sum")  # (K*Ph*Pw, C)
+    return out / max(g * g, 1)
+
+
+def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """For counts Tensor[K]: (owner, local) of length total, owner = k repeated counts[k] times, local = 0.."""
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts
+    local = torch.arange(total, device=counts.device) - first[owner]
+    return owner, local
+
+
+def _pool_adaptive(table, rois, base, height, width, scale, P, aligned) -> Tensor:
+    """Per-RoI grid ceil(roi_size / P) per axis. Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
+    K = rois.shape[0]
+    Ph, Pw = P
+    y1, x1, bin_h, bin_w, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
+    gh = torch.ceil(roi_h / Ph).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
+    gw = torch.ceil(roi_w / Pw).long().clamp(min=0)
+    ny, nx = Ph * gh, Pw * gw  # samples per RoI along y and x
+    Sy, Sx, S = torch.stack((ny.sum(), nx.sum(), (ny * nx).sum())).tolist()  # the one host read
+    dtype = y1.dtype
+    # samples along y: entries (k, ph, iy), and along x: (k, pw, ix)
+    ky, local = _segment_arange(ny, Sy)
+    ph = torch.div(local, gh[ky], rounding_mode="floor")
+    py = _positions(y1[ky], bin_h[ky], gh[ky].to(dtype), ph.to(dtype), (local - ph * gh[ky]).to(dtype))
+    ylo, yhi, wylo, wyhi = _bilinear_taps(py, height[ky].to(dtype))
+    kx, local = _segment_arange(nx, Sx)
+    pw = torch.div(local, gw[kx], rounding_mode="floor")
+    px = _positions(x1[kx], bin_w[kx], gw[kx].to(dtype), pw.to(dtype), (local - pw * gw[kx]).to(dtype))
+    xlo, xhi, wxlo, wxhi = _bilinear_taps(px, width[kx].to(dtype))
+    # every sample (k, ph, pw, iy, ix), in the kernel's order, points into the two lists
+    k, local = _segment_arange(ny * nx, S)
+    g_h, g_w = gh[k], gw[k]
+    ix = local % g_w
+    rest = torch.div(local, g_w, rounding_mode="floor")
+    iy = rest % g_h
+    rest = torch.div(rest, g_h, rounding_mode="floor")
+    pw, ph = rest % Pw, torch.div(rest, Pw, rounding_mode="floor")
+    yi = (torch.cumsum(ny, 0) - ny)[k] + ph * g_h + iy
+    xi = (torch.cumsum(nx, 0) - nx)[k] + pw * g_w + ix
+    rows = torch.stack((ylo[yi], yhi[yi]), dim=-1) * width[k, None]  # (S, 2)
+    cols = torch.stack((xlo[xi], xhi[xi]), dim=-1)  # (S, 2)
+    idx = base[k, None, None] + rows[:, :, None] + cols[:, None, :]  # (S, 2, 2)
+    wts = torch.stack((wylo[yi], wyhi[yi]), dim=-1)[:, :, None] * torch.stack((wxlo[xi], wxhi[xi]), dim=-1)[:, None, :]
+    bag_sizes = (4 * gh * gw)[:, None].expand(K, Ph * Pw).reshape(-1)  # (K*Ph*Pw,)
+    offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
+    out = F.embedding_bag(idx.reshape(-1), table, offsets, per_sample_weights=wts.reshape(-1), mode="sum")
+    count = (gh * gw).clamp(min=1).to(out.dtype)
+    return (out.view(K, Ph * Pw, -1) / count[:, None, None]).view(K * Ph * Pw, -1)
+
+
+def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+          P: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw].
+
+    table: Tensor[R, C]; rois: Tensor[K, 5]; base: Tensor[K] int64, the table row of pixel (0, 0) of each
+    RoI's feature map; height, width: Tensor[K] int64 sizes of that map; scale: Tensor[K] spatial scales.
+    """
+    K, C = rois.shape[0], table.shape[1]
+    Ph, Pw = P
+    if K == 0:
+        return table.new_zeros((0, C, Ph, Pw))
+    if sampling_ratio > 0:
+        per_roi = Ph * Pw * 4 * sampling_ratio**2
+        step = max(1, _MAX_ENTRIES // per_roi)
+        out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
+                                     width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
+                         for s in range(0, K, step)])
+    else:
+        out = _pool_adaptive(table, rois, base, height, width, scale, P, aligned)
+    return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
+
+
+def _as_table(features: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """Feature maps Tensor[N, C, H_l, W_l] -> one channels-last table Tensor[sum_l N*H_l*W_l, C]."""
+    rows = [f.to(dtype).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]  # (N*H*W, C) each
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+    """RoIAlign, a drop-in for torchvision.ops.roi_align.
+
+    input: Tensor[N, C, H, W]; boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of N Tensor[L_i, 4],
+    in image coordinates that `spatial_scale` maps onto the feature map. Returns Tensor[K, C, Ph, Pw].
+    float16/bfloat16 inputs are computed in float32 and rounded once at the end (torchvision's CPU kernel
+    rounds every step in half precision).
+    """
+    N, C, H, W = input.shape
+    dtype = _compute_dtype(input.dtype)
+    rois = boxes_to_rois(boxes).to(dtype)
+    K = rois.shape[0]
+    device = input.device
+    P = _pair(output_size)
+    base = rois[:, 0].long() * (H * W)  # kept: the batch index is truncated like the kernel's int cast
+    height = torch.full((K,), H, dtype=torch.int64, device=device)
+    width = torch.full((K,), W, dtype=torch.int64, device=device)
+    scale = torch.full((K,), spatial_scale, dtype=dtype, device=device)
+    out = _pool(_as_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned)
+    return out.to(input.dtype)
+
+
+class RoIAlign(nn.Module):
+    """Module form of `roi_align`."""
+
+    def __init__(self, output_size: int | tuple[int, int], spatial_scale: float, sampling_ratio: int,
+                 aligned: bool = False):
+        super().__init__()
+        self.output_size, self.spatial_scale = output_size, spatial_scale
+        self.sampling_ratio, self.aligned = sampling_ratio, aligned
+
+    def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
+        return roi_align(input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+
+    def extra_repr(self) -> str:
+        return (f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}")
+
