@@ -444,3 +444,13 @@ def test_converted_weights_round_trip(synth_state, tmp_path):
     model = minseg.create_model("yolact_resnet50", weights=str(tmp_path / "y.safetensors"))
     assert not model.training
     assert all(torch.equal(v, converted[k]) for k, v in model.state_dict().items())
+
+
+def test_network_exports_with_torch_export():
+    """The tensor part (everything before Detect) exports: the original's could not (yolact#74)."""
+    model = minseg.create_model("yolact_resnet50")
+    x = torch.randn(1, 3, 96, 128)
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        expected, got = model(x), exported(x)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)

@@ -60,17 +60,12 @@ class Yolact(nn.Module):
         self.fpn = fpn
         self.protonet = protonet
         self.head = head
-        self._priors: dict[tuple, torch.Tensor] = {}   # per (level sizes, device); a cache, not state
 
     def priors(self, sizes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
-        """priors_cxcywh Tensor[P, 4] for FPN levels of the given (H, W) sizes."""
-        key = (tuple(sizes), str(device))
-        if key not in self._priors:
-            if len(self._priors) >= 16:  # many input sizes: keep the cache small
-                self._priors.clear()
-            cfg = self.cfg
-            self._priors[key] = yolact_priors(sizes, cfg.scales, cfg.aspect_ratios, cfg.max_size, device=device)
-        return self._priors[key]
+        """priors_cxcywh Tensor[P, 4] for FPN levels of the given (H, W) sizes (rebuilt each call: well under a
+        millisecond, and a forward without Python state exports with torch.export)."""
+        cfg = self.cfg
+        return yolact_priors(sizes, cfg.scales, cfg.aspect_ratios, cfg.max_size, device=device)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         check_images(x)
