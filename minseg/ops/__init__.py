@@ -4,7 +4,7 @@ from minseg.ops.anchors import (AnchorGenerator, DefaultAnchorGenerator, detectr
                                 torchvision_cell_anchors)
 from minseg.ops.box_coders import Box2BoxTransform, BoxCoder
 from minseg.ops.boxes import batched_nms, box_area, box_iou, clip_boxes_to_image, nms, remove_small_boxes
-from minseg.ops.fast_nms import batched_box_iou, cross_class_fast_nms, fast_nms
+from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
 from minseg.ops.masks import expand_boxes, paste_masks_detectron2, paste_masks_torchvision
 from minseg.ops.poolers import (MultiScaleRoIAlign, assign_levels_detectron2, assign_levels_torchvision,
                                 multiscale_roi_align)

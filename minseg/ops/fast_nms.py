@@ -4,26 +4,15 @@ Classic NMS visits boxes in score order and drops a box if a *kept* higher-score
 Fast NMS drops a box if *any* higher-scored box overlaps it (kept or not), which turns the loop into
 `triu(IoU).max(dim=0) <= threshold`. It suppresses slightly more, and runs as a few batched tensor ops.
 
-Follows dbolya/yolact layers/functions/detection.py (fast_nms, cc_fast_nms) and box_utils.py (jaccard),
-with the same sorts and float order so detections match the original exactly. Boxes are xyxy in any
-consistent unit (YOLACT passes relative boxes_rel).
+Follows dbolya/yolact layers/functions/detection.py (fast_nms, cc_fast_nms) with the same sorts; its IoU
+(box_utils.py jaccard: no +1, no epsilon) is ops/boxes.py box_iou in the same float order, so detections match
+the original exactly. Boxes are xyxy in any consistent unit (YOLACT passes relative boxes_rel).
 """
 from __future__ import annotations
 
 import torch
 
-
-def batched_box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU per batch: Tensor[B, N, 4], Tensor[B, M, 4] xyxy -> Tensor[B, N, M].
-
-    No +1 on widths and no epsilon (box_utils.py jaccard); two empty boxes give NaN, as in the original.
-    """
-    max_xy = torch.min(boxes1[:, :, None, 2:], boxes2[:, None, :, 2:])  # (B, N, M, 2)
-    min_xy = torch.max(boxes1[:, :, None, :2], boxes2[:, None, :, :2])  # (B, N, M, 2)
-    inter = torch.clamp(max_xy - min_xy, min=0).prod(3)
-    area1 = ((boxes1[:, :, 2] - boxes1[:, :, 0]) * (boxes1[:, :, 3] - boxes1[:, :, 1]))[:, :, None]  # (B, N, 1)
-    area2 = ((boxes2[:, :, 2] - boxes2[:, :, 0]) * (boxes2[:, :, 3] - boxes2[:, :, 1]))[:, None, :]  # (B, 1, M)
-    return inter / (area1 + area2 - inter)
+from minseg.ops.boxes import box_iou
 
 
 def _empty(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +40,7 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     D = order.shape[1]
     candidates = boxes[order.view(-1), :].view(C, D, 4)  # (C, D, 4)
 
-    iou = batched_box_iou(candidates, candidates).triu_(diagonal=1)  # only pairs (higher-scored i, lower j)
+    iou = box_iou(candidates, candidates).triu_(diagonal=1)  # only pairs (higher-scored i, lower j)
     keep = iou.max(dim=1).values <= iou_threshold  # (C, D)
 
     classes = torch.arange(C, device=boxes.device)[:, None].expand_as(keep)[keep]  # class-major flatten
@@ -73,7 +62,7 @@ def cross_class_fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshol
         return _empty(scores)
     scores, classes = scores.max(dim=0)
     order = scores.sort(0, descending=True)[1][:top_k]
-    candidates = boxes[order][None]  # (1, D, 4)
-    iou = batched_box_iou(candidates, candidates)[0].triu_(diagonal=1)
+    candidates = boxes[order]  # (D, 4)
+    iou = box_iou(candidates, candidates).triu_(diagonal=1)
     order = order[iou.max(dim=0).values <= iou_threshold]
     return order, classes[order], scores[order]
