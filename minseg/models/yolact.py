@@ -8,6 +8,10 @@ sigmoid(prototypes @ coefficients), cropped to its box and resized to the image.
 Follows dbolya/yolact (yolact.py, layers/functions/detection.py, layers/output_utils.py,
 utils/augmentations.py FastBaseTransform) at commit 902073d with its yolact_resnet50, yolact_base (ResNet-101),
 yolact_im700 and yolact_darknet53 configs, in the original's float order so results are bitwise equal on CPU.
+
+    state = minseg.convert("yolact", "yolact_resnet50_54_800000.pth", arch="yolact_resnet50")
+    model = minseg.create_model("yolact_resnet50"); model.load_state_dict(state)
+    (result,) = model.predict("image.jpg")   # boxes, labels (0..79), scores, masks at the image's size
 """
 from __future__ import annotations
 
