@@ -146,9 +146,10 @@ class Yolact(nn.Module):
         image's own size, as eval.py --image computes it."""
         from minseg.image import load_rgb_list
 
+        dtype = next(self.parameters()).dtype  # a model cast with .half() gets its own dtype
         results = []
         for image in load_rgb_list(images):
-            outputs = self(self.preprocess(image))
+            outputs = self(self.preprocess(image).to(dtype))
             results.extend(self.postprocess(outputs, [(image.height, image.width)]))
         return results
 
