@@ -3,6 +3,10 @@
 The synthetic checkpoint is rebuilt from the fixture's keys.tsv with the shared recipe (synth.py, overrides from
 meta.json), written the way the original writes weights (torch.save of the plain state dict), converted with
 minseg.convert("yolact", ...) and run on the recorded inputs. Every recorded stage is compared.
+
+The fixture was recorded on a CPU whose oneDNN/ATen kernels were the AVX2 ones; on an AVX-512 CPU the convs
+accumulate in another order (float32 rounding, ~1e-6 relative). With RECORDED_KERNELS set before torch starts
+(a subprocess) every stage is bitwise equal, which is what shows minseg follows the original's op order.
 """
 from __future__ import annotations
 
@@ -42,19 +46,16 @@ def synthetic_state(folder: Path, meta: dict) -> dict[str, torch.Tensor]:
     return synth.synth_state(synth.read_keys(folder / "keys.tsv"), meta.get("base_seed", 0), overrides)
 
 
-def build_model(arch: str = FIXTURE, state: dict | None = None, legacy_format: bool = False, **options):
+def build_model(arch: str = FIXTURE, state: dict | None = None):
     """minseg model loaded from the fixture's synthetic checkpoint, saved to a temp file as the original saves it."""
-    tensors, meta, folder = load_fixture()
+    _, meta, folder = load_fixture()
     if state is None:
         state = synthetic_state(folder, meta)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "yolact_synthetic.pth"
-        if legacy_format:
-            torch.save(state, path, _use_new_zipfile_serialization=False)
-        else:
-            load_synth().write_checkpoint(state, meta["checkpoint_format"], path)
+        load_synth().write_checkpoint(state, meta["checkpoint_format"], path)
         converted = minseg.convert("yolact", path, arch=arch)
-    model = minseg.create_model(arch, **options)
+    model = minseg.create_model(arch)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 
