@@ -1,0 +1,111 @@
+"""Mask pasting against torchvision's paste_masks_in_image and detectron2's formula (written out here)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torchvision.models.detection.roi_heads import paste_masks_in_image as torchvision_paste
+
+import minseg.ops as mo
+from conftest import cuda
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def detectron2_paste_one_by_one(masks, boxes, H, W, threshold=0.5):
+    """detectron2/layers/mask_ops.py on CPU: each mask alone, grid_sample at pixel centres inside the window
+    [floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1) clipped to the image, the rest False."""
+    out = torch.zeros(len(masks), H, W, dtype=torch.bool if threshold >= 0 else torch.uint8)
+    for i, (mask, box) in enumerate(zip(masks, boxes)):
+        x0i, y0i = torch.clamp(box.floor()[:2] - 1, min=0).to(torch.int32).tolist()
+        x1i = int(torch.clamp(box[2].ceil() + 1, max=W).to(torch.int32))
+        y1i = int(torch.clamp(box[3].ceil() + 1, max=H).to(torch.int32))
+        if y1i <= y0i or x1i <= x0i:  # a box wholly past the image (detectron2's arange would raise): nothing
+            continue
+        x0, y0, x1, y1 = box[0:1], box[1:2], box[2:3], box[3:4]
+        ys = (torch.arange(y0i, y1i, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        xs = (torch.arange(x0i, x1i, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=2)[None]
+        soft = F.grid_sample(mask[None, None].float(), grid, align_corners=False)[0, 0]
+        out[i, y0i:y1i, x0i:x1i] = soft >= threshold if threshold >= 0 else (soft * 255).to(torch.uint8)
+    return out
+
+
+@st.composite
+def paste_problems(draw):
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    n = draw(st.integers(0, 12))
+    H, W = draw(st.integers(5, 90)), draw(st.integers(5, 90))
+    M = draw(st.sampled_from([5, 14, 28]))
+    kind = draw(st.sampled_from(["soft", "saturated", "binary"]))
+    masks = torch.rand(n, M, M, generator=g)
+    if kind == "saturated":
+        masks = (masks * 3 - 1).clamp(0, 1)
+    elif kind == "binary":
+        masks = (masks > 0.5).float()
+    size = torch.rand(n, 2, generator=g) * torch.tensor([W, H]) * draw(st.sampled_from([0.05, 0.5, 1.5]))
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([W, H]) * 1.2 - size / 2
+    boxes = torch.cat([xy, xy + size + 0.01], dim=1)
+    return masks, boxes, (H, W)
+
+
+@SETTINGS
+@given(paste_problems(), st.sampled_from([0.5, 0.3, 0.9, -1.0]))
+def test_detectron2_paste_equals_one_by_one(problem, threshold):
+    masks, boxes, (H, W) = problem
+    ours = mo.paste_masks_detectron2(masks, boxes, (H, W), threshold)
+    expected = detectron2_paste_one_by_one(masks, boxes, H, W, threshold)
+    assert ours.dtype == expected.dtype and ours.shape == (len(masks), H, W)
+    assert torch.equal(ours, expected)
+
+
+@SETTINGS
+@given(paste_problems())
+def test_torchvision_paste_matches_torchvision(problem):
+    """Equal up to the last bits: PyTorch's upsample kernel fuses multiply-adds differently by code path, so
+    a separable resize written in tensor ops agrees to 2 float32 ulps (of values in [0, 1]), not bitwise."""
+    masks, boxes, (H, W) = problem
+    inside = mo.clip_boxes_to_image(boxes, (H, W))  # torchvision's paste fails on boxes wholly past the image
+    ours = mo.paste_masks_torchvision(masks[:, None], inside, (H, W))
+    expected = torchvision_paste(masks[:, None], inside, (H, W))
+    assert ours.shape == expected.shape == (len(masks), 1, H, W)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2.5e-7)
+    assert torch.equal(ours == 0, expected == 0)  # same support
+
+
+def test_torchvision_paste_realistic():
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(30, 1, 28, 28, generator=g)
+    xy = torch.rand(30, 2, generator=g) * torch.tensor([1000.0, 760.0])
+    boxes = torch.cat([xy, (xy + torch.rand(30, 2, generator=g) * 400).clamp(max=torch.tensor([1066.0, 799.0]))], 1)
+    ours = mo.paste_masks_torchvision(masks, boxes, (800, 1067))
+    expected = torchvision_paste(masks, boxes, (800, 1067))
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2.5e-7)
+    assert mo.paste_masks_torchvision(masks[:0], boxes[:0], (800, 1067)).shape == (0, 1, 800, 1067)
+    assert torch.equal(mo.expand_boxes(boxes, 30 / 28),
+                       __import__("torchvision").models.detection.roi_heads.expand_boxes(boxes, 30 / 28))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_paste_low_precision(dtype):
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(4, 28, 28, generator=g)
+    boxes = torch.tensor([[3.0, 4.0, 40.0, 30.0], [10.2, 0.0, 60.0, 59.9], [0.0, 0.0, 5.0, 5.0], [20.0, 20.0, 21.0, 22.0]])
+    soft = mo.paste_masks_torchvision(masks[:, None].to(dtype), boxes, (64, 64))
+    assert soft.dtype == dtype
+    torch.testing.assert_close(soft.float(), mo.paste_masks_torchvision(masks[:, None], boxes, (64, 64)),
+                               rtol=0, atol=float(torch.finfo(dtype).eps))
+    hard = mo.paste_masks_detectron2(masks.to(dtype), boxes.to(dtype), (64, 64))
+    assert hard.dtype == torch.bool and hard.shape == (4, 64, 64)
+
+
+@cuda
+def test_paste_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(2)
+    masks = torch.rand(20, 28, 28, generator=g)
+    xy = torch.rand(20, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 1 + torch.rand(20, 2, generator=g) * 150], dim=1)
+    cpu = mo.paste_masks_detectron2(masks, boxes, (300, 320))
+    assert torch.equal(mo.paste_masks_detectron2(masks.cuda(), boxes.cuda(), (300, 320)).cpu(), cpu)
+    torch.testing.assert_close(mo.paste_masks_torchvision(masks[:, None].cuda(), boxes.cuda(), (300, 320)).cpu(),
+                               mo.paste_masks_torchvision(masks[:, None], boxes, (300, 320)), rtol=0, atol=1e-6)

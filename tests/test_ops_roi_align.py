@@ -1,0 +1,195 @@
+"""RoIAlign and FPN pooling against a float64 scalar-loop reference written here and torchvision.ops."""
+import math
+
+import pytest
+import torch
+import torchvision.ops as tvo
+from hypothesis import given, settings, strategies as st
+from torchvision.ops.poolers import LevelMapper
+
+import minseg.ops as mo
+from conftest import cuda
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def roi_align_reference(x, rois, out_h, out_w, scale, sampling_ratio, aligned):
+    """RoIAlign as the paper and torchvision's kernel define it, one sample at a time in float64."""
+    x = x.double()
+    N, C, H, W = x.shape
+    out = torch.zeros(len(rois), C, out_h, out_w, dtype=torch.float64)
+
+    def bilinear(img, y, xx):  # img (C, H, W)
+        if y < -1.0 or y > H or xx < -1.0 or xx > W or math.isnan(y) or math.isnan(xx):
+            return torch.zeros(C, dtype=torch.float64)
+        y, xx = max(y, 0.0), max(xx, 0.0)
+        y0, x0 = int(y), int(xx)
+        if y0 >= H - 1:
+            y0 = y1 = H - 1
+            y = float(y0)
+        else:
+            y1 = y0 + 1
+        if x0 >= W - 1:
+            x0 = x1 = W - 1
+            xx = float(x0)
+        else:
+            x1 = x0 + 1
+        ly, lx = y - y0, xx - x0
+        hy, hx = 1 - ly, 1 - lx
+        return hy * hx * img[:, y0, x0] + hy * lx * img[:, y0, x1] + ly * hx * img[:, y1, x0] + ly * lx * img[:, y1, x1]
+
+    for k, (b, x1, y1, x2, y2) in enumerate(rois.double().tolist()):
+        off = 0.5 if aligned else 0.0
+        sx, sy, ex, ey = x1 * scale - off, y1 * scale - off, x2 * scale - off, y2 * scale - off
+        rw, rh = ex - sx, ey - sy
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        bh, bw = rh / out_h, rw / out_w
+        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / out_h)
+        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / out_w)
+        count = max(gh * gw, 1)
+        for ph in range(out_h):
+            for pw in range(out_w):
+                acc = torch.zeros(C, dtype=torch.float64)
+                for iy in range(gh):
+                    y = sy + ph * bh + (iy + 0.5) * bh / gh
+                    for ix in range(gw):
+                        acc += bilinear(x[int(b)], y, sx + pw * bw + (ix + 0.5) * bw / gw)
+                out[k, :, ph, pw] = acc / count
+    return out
+
+
+@st.composite
+def roi_problems(draw):
+    """Random small maps; boxes inside, partly and fully outside, tiny, zero-size and inverted."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    N, C = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    H, W = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    scale = draw(st.sampled_from([1.0, 0.5, 0.25]))
+    K = draw(st.integers(0, 6))
+    x = torch.randn(N, C, H, W, generator=g)
+    span = torch.tensor([W, H], dtype=torch.float32) / scale
+    xy = torch.rand(K, 2, generator=g) * span * 1.6 - span * 0.3
+    kind = draw(st.sampled_from(["normal", "tiny", "zero", "inverted", "huge"]))
+    wh = {"normal": torch.rand(K, 2, generator=g) * span, "tiny": torch.rand(K, 2, generator=g) * 0.3,
+          "zero": torch.zeros(K, 2), "inverted": -torch.rand(K, 2, generator=g) * 3,
+          "huge": torch.rand(K, 2, generator=g) * span * 4}[kind]
+    batch = torch.randint(0, N, (K, 1), generator=g).float()
+    rois = torch.cat([batch, xy, xy + wh], dim=1)
+    out = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    return x, rois, out, scale
+
+
+@SETTINGS
+@given(roi_problems(), st.sampled_from([-1, 0, 1, 2, 3]), st.booleans())
+def test_roi_align_matches_reference_and_torchvision(problem, sampling_ratio, aligned):
+    x, rois, (oh, ow), scale = problem
+    ref = roi_align_reference(x, rois, oh, ow, scale, sampling_ratio, aligned)
+    ours64 = mo.roi_align(x.double(), rois.double(), (oh, ow), scale, sampling_ratio, aligned)
+    torch.testing.assert_close(ours64, ref, rtol=0, atol=1e-12)
+    ours = mo.roi_align(x, rois, (oh, ow), scale, sampling_ratio, aligned)
+    tv = tvo.roi_align(x, rois, (oh, ow), scale, sampling_ratio, aligned)
+    assert ours.shape == tv.shape and ours.dtype == torch.float32
+    torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+
+
+def test_roi_align_realistic_sizes_and_list_input():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 50, 68, generator=g)
+    size = torch.exp(torch.empty(300, 2).uniform_(math.log(4), math.log(400), generator=g))
+    xy = torch.rand(300, 2, generator=g) * torch.tensor([272.0, 200.0]) - size / 4
+    boxes = torch.cat([xy, xy + size], dim=1)
+    per_image = [boxes[:120], boxes[120:]]
+    for P, sr, aligned in ((7, 2, False), (14, 2, False), (7, 0, True), (14, 0, True), ((5, 3), -1, False)):
+        ours = mo.roi_align(x, per_image, P, 0.25, sr, aligned)
+        tv = tvo.roi_align(x, per_image, P, 0.25, sr, aligned)
+        torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+    module = mo.RoIAlign((7, 7), 0.25, 2)
+    torch.testing.assert_close(module(x, per_image), tvo.RoIAlign((7, 7), 0.25, 2)(x, per_image), rtol=0, atol=2e-6)
+
+
+def test_roi_align_empty_and_gradient():
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
+    assert mo.roi_align(x, torch.zeros(0, 5, dtype=torch.float64), 3).shape == (0, 2, 3, 3)
+    rois = torch.tensor([[0, 0.3, 0.2, 4.1, 3.9], [0, -1.0, 1.0, 2.0, 7.0]], dtype=torch.float64)
+    for sr in (2, 0):
+        assert torch.autograd.gradcheck(lambda t: mo.roi_align(t, rois, 2, 1.0, sr, True), (x,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_roi_align_low_precision(dtype):
+    """Computed in float32 and rounded once: within one rounding of the float64 result."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 4, 20, 20, generator=g)
+    rois = torch.tensor([[0, 1.5, 2.0, 30.0, 25.0], [0, -3.0, 4.0, 12.0, 50.0]])
+    ours = mo.roi_align(x.to(dtype), rois.to(dtype), 4, 0.5, 2, False)
+    assert ours.dtype == dtype
+    ref = roi_align_reference(x.to(dtype), rois.to(dtype), 4, 4, 0.5, 2, False)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(ours.double(), ref, rtol=eps, atol=eps)
+
+
+def _fpn_features(g, N=2, C=4, H=64, W=80):
+    return [torch.randn(N, C, H // s, W // s, generator=g) for s in (1, 2, 4, 8)]
+
+
+def _fpn_boxes(g, n, image=(256, 320)):
+    size = torch.exp(torch.empty(n, 2).uniform_(math.log(2), math.log(600), generator=g))
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([image[1], image[0]], dtype=torch.float32) - size / 3
+    boxes = torch.cat([xy, xy + size], dim=1)
+    # sqrt(area) exactly on level boundaries: 224 * 2^k
+    edge = torch.tensor([[0.0, 0.0, 112.0, 112.0], [10.0, 10.0, 234.0, 234.0], [0.0, 0.0, 448.0, 448.0]])
+    return torch.cat([boxes, edge])
+
+
+def test_level_rules():
+    g = torch.Generator().manual_seed(2)
+    boxes = _fpn_boxes(g, 500)
+    assert torch.equal(mo.assign_levels_torchvision(boxes, 2, 5), LevelMapper(2, 5)([boxes]))
+    size = torch.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+    d2 = torch.clamp(torch.floor(4 + torch.log2(size / 224 + 1e-8)), min=2, max=5).to(torch.int64) - 2  # poolers.py
+    assert torch.equal(mo.assign_levels_detectron2(boxes, 2, 5), d2)
+
+
+def test_multiscale_torchvision_rule_matches_torchvision():
+    g = torch.Generator().manual_seed(3)
+    feats = _fpn_features(g)
+    boxes = [_fpn_boxes(g, 80), _fpn_boxes(g, 50)]
+    names = ["0", "1", "2", "3"]
+    tv = tvo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, [(256, 320), (250, 300)])
+    ours = mo.MultiScaleRoIAlign(7, 2)(feats, boxes, [(256, 320), (250, 300)])
+    torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+
+
+def test_multiscale_detectron2_rule_matches_per_level_pooling():
+    """detectron2's ROIPooler: level by its rule, then torchvision roi_align(aligned=True, sr=0) on that level."""
+    g = torch.Generator().manual_seed(4)
+    feats = _fpn_features(g)
+    boxes = [_fpn_boxes(g, 60), _fpn_boxes(g, 40)]
+    scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    ours = mo.MultiScaleRoIAlign(14, 0, aligned=True, level_rule="detectron2", scales=scales)(feats, boxes)
+    rois = mo.boxes_to_rois(boxes)
+    levels = mo.assign_levels_detectron2(rois[:, 1:], 2, 5)
+    expected = torch.zeros_like(ours)
+    for level, (f, s) in enumerate(zip(feats, scales)):
+        idx = torch.where(levels == level)[0]
+        expected[idx] = tvo.roi_align(f, rois[idx], 14, s, 0, True)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-6)
+
+
+@cuda
+def test_roi_align_cuda_matches_torchvision_without_sync():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 32, 50, 68, generator=g).cuda()
+    size = torch.exp(torch.empty(500, 2).uniform_(math.log(4), math.log(400), generator=g))
+    xy = torch.rand(500, 2, generator=g) * 250 - 20
+    rois = torch.cat([torch.randint(0, 2, (500, 1), generator=g).float(), xy, xy + size], dim=1).cuda()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        ours = mo.roi_align(x, rois, 7, 0.25, 2, False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(ours, tvo.roi_align(x, rois, 7, 0.25, 2, False), rtol=0, atol=1e-5)
+    torch.testing.assert_close(mo.roi_align(x, rois, 14, 0.25, 0, True), tvo.roi_align(x, rois, 14, 0.25, 0, True),
+                               rtol=0, atol=1e-5)
