@@ -5,7 +5,7 @@ Workloads (issue 4): RoIAlign with K=1000 RoIs on a [2, 256, 200, 272] map (stri
 aligned=False) and 0 (detectron2's ROIAlignV2, aligned=True); NMS on 1000 and 5000 clustered boxes (thr 0.5).
 A 1024^2 matmul rate is printed beside the table, because this shared machine changes speed by 2-3x.
 
-    python -m minseg_ref.bench_ops [--device cpu|cuda] [--repeats N]
+    python -m minseg_ref.bench_ops [--device cpu|cuda] [--repeats N] [--threads T]
 """
 from __future__ import annotations
 
@@ -101,7 +101,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (torchvision's kernels use one)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"device {args.device}, threads {torch.get_num_threads()}, matmul {gemm_rate(args.device):.0f} GFLOP/s")
     print(f"{'op':<24}{'minseg ms':>12}{'torchvision ms':>16}{'ratio':>8}")
     for r in bench_ops(args.device, args.repeats):

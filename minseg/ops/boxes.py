@@ -106,8 +106,8 @@ def _none_per_row(mask: Tensor) -> Tensor:
 def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int = 256) -> Tensor:
     """Bool Tensor[N]: greedy NMS decisions for boxes already sorted by descending score.
 
-    boxes: Tensor[N, 4]; labels: optional Tensor[N]; when given, only boxes with equal labels suppress each other.
-    Block by block: a box survives the earlier blocks when no box kept there overlaps it; inside the block the
+    boxes: Tensor[N, 4]; labels: optional Tensor[N], non-decreasing (boxes grouped by class); when given, only
+    boxes with equal labels suppress each other. Block by block: a box survives the earlier blocks when no box kept there overlaps it; inside the block the
     greedy rule "keep j unless a kept i < j overlaps it" has one solution, reached by iterating it from
     "keep every survivor" (as many steps as the longest chain of suppressions).
     """
@@ -120,11 +120,16 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     for start in range(0, N, block):
         stop = min(start + block, N)
         blk = tuple(c[start:stop] for c in coords)
-        n_prev = kept[0].shape[0]
-        over = _overlaps(blk, tuple(torch.cat((k, b)) for k, b in zip(kept, blk)), threshold)  # (B, n_prev + B)
+        prev = kept
         if labels is not None:
+            # class-major order: only the kept boxes of this block's classes, a suffix of `kept`, can suppress
             blk_labels = labels[start:stop]
-            over &= blk_labels[:, None] == torch.cat((kept_labels, blk_labels))[None, :]
+            first = int(torch.searchsorted(kept_labels, blk_labels[:1]))
+            prev = tuple(k[first:] for k in kept)
+        n_prev = prev[0].shape[0]
+        over = _overlaps(blk, tuple(torch.cat((k, b)) for k, b in zip(prev, blk)), threshold)  # (B, n_prev + B)
+        if labels is not None:
+            over &= blk_labels[:, None] == torch.cat((kept_labels[first:], blk_labels))[None, :]
         candidate = _none_per_row(over[:, :n_prev])  # (B,) not suppressed by an earlier block
         inner = torch.tril(over[:, n_prev:], diagonal=-1)  # inner[j, i]: box i < j of the block overlaps j
         k = candidate
@@ -159,11 +164,12 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """torchvision's `_batched_nms_vanilla` (NMS class by class, then all kept indices sorted by score).
 
-    One greedy pass over all boxes in stably sorted score order, where only boxes of the same class suppress
-    each other: within a class that is the order and the decisions of a per-class NMS.
+    One greedy pass over the boxes grouped by class and stably sorted by score inside each class, where only
+    boxes of the same class suppress each other: the order and the decisions of a per-class NMS.
     """
     boxes = _upcast(boxes)
     order = scores.sort(dim=0, descending=True, stable=True)[1]
+    order = order[idxs[order].sort(stable=True)[1]]  # grouped by class, by score inside a class
     keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), labels=idxs[order])
     keep_mask = torch.zeros_like(scores, dtype=torch.bool)
     keep_mask[order[keep]] = True
