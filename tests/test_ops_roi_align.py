@@ -1,4 +1,5 @@
 """RoIAlign and FPN pooling against a float64 scalar-loop reference written here and torchvision.ops."""
+import importlib
 import math
 
 import pytest
@@ -107,6 +108,20 @@ def test_roi_align_realistic_sizes_and_list_input():
         torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
     module = mo.RoIAlign((7, 7), 0.25, 2)
     torch.testing.assert_close(module(x, per_image), tvo.RoIAlign((7, 7), 0.25, 2)(x, per_image), rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2, 0])
+def test_roi_align_in_chunks(monkeypatch, sampling_ratio):
+    """Many RoIs are pooled in runs that bound the temporaries; the runs change nothing."""
+    ra = importlib.import_module("minseg.ops.roi_align")  # the module, not the function of the same name
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 30, 40, generator=g)
+    xy = torch.rand(60, 2, generator=g) * 100
+    rois = torch.cat([torch.randint(0, 2, (60, 1), generator=g).float(), xy, xy + torch.rand(60, 2, generator=g) * 90], 1)
+    whole = mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True)
+    monkeypatch.setattr(ra, "_MAX_ENTRIES", 3000)
+    torch.testing.assert_close(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole, rtol=0, atol=0)
+    torch.testing.assert_close(whole, tvo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), rtol=0, atol=2e-6)
 
 
 def test_roi_align_empty_and_gradient():

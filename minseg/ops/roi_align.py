@@ -15,7 +15,7 @@ Every sample is 4 weighted reads of a C-vector, so with features stored channels
 per_sample_weights=...)`, one fused multi-threaded kernel over all RoIs (and, for FPN pooling, over all levels
 at once). Sample positions and weights use the kernel's own float32 expressions, so only the order of the final
 sum differs (max |diff| ~1e-6 on unit-scale features). With sampling_ratio > 0 shapes depend only on K, P and
-g: no host-device synchronisation. The adaptive case reads one total sample count to the host.
+g: no host-device synchronisation. The adaptive case reads its sample counts to the host (shapes depend on them).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_MAX_ENTRIES = 1 << 22  # gathered rows per embedding_bag call (bounds the index/weight temporaries)
+_MAX_ENTRIES = 1 << 21  # gathered rows per embedding_bag call (bounds the index/weight temporaries)
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -154,6 +154,22 @@ def _pool_adaptive(table, rois, base, height, width, scale, P, aligned) -> Tenso
     return (out.view(K, Ph * Pw, -1) / count[:, None, None]).view(K * Ph * Pw, -1)
 
 
+def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
+    """Split RoIs into runs of at most _MAX_ENTRIES gathered rows (one host read; a second when splitting)."""
+    _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
+    entries = (4 * P[0] * P[1]) * torch.ceil(roi_h / P[0]).clamp(min=0) * torch.ceil(roi_w / P[1]).clamp(min=0)
+    K = rois.shape[0]
+    if float(entries.sum()) <= _MAX_ENTRIES:
+        return [(0, K)]
+    chunks, start, used = [], 0, 0.0
+    for k, n in enumerate(entries.tolist()):
+        if k > start and used + n > _MAX_ENTRIES:
+            chunks.append((start, k))
+            start, used = k, 0.0
+        used += n
+    return chunks + [(start, K)]
+
+
 def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
           P: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
     """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw].
@@ -172,7 +188,8 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
                          for s in range(0, K, step)])
     else:
-        out = _pool_adaptive(table, rois, base, height, width, scale, P, aligned)
+        out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned)
+                         for s, e in _adaptive_chunks(rois, scale, P, aligned)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
