@@ -67,14 +67,15 @@ def test_nms_matches_reference_and_torchvision(data, thr):
 
 
 @SETTINGS
-@given(box_sets(), st.sampled_from([0.3, 0.5, 0.7]), st.integers(1, 4))
-def test_batched_nms_matches_reference_and_torchvision(data, thr, num_classes):
+@given(box_sets(), st.sampled_from([0.3, 0.5, 0.7]), st.integers(1, 4), st.sampled_from([0.0, -30.0]))
+def test_batched_nms_matches_reference_and_torchvision(data, thr, num_classes, shift):
     boxes, scores = data
+    boxes = boxes + shift  # negative coordinates: the offset trick then lets classes overlap, as in torchvision
     idxs = torch.arange(len(boxes)) % num_classes
     ours = mo.batched_nms(boxes, scores, idxs, thr)
     assert torch.equal(ours, tvo.batched_nms(boxes, scores, idxs, thr))
-    # every kept box survives per-class greedy NMS (up to the offset trick's rounding, the same set)
-    assert sorted(ours.tolist()) == sorted(greedy_reference(boxes, scores, thr, idxs.tolist()))
+    if shift == 0.0:  # with non-negative coordinates the offset trick is per-class greedy NMS
+        assert sorted(ours.tolist()) == sorted(greedy_reference(boxes, scores, thr, idxs.tolist()))
 
 
 @pytest.mark.parametrize("n", [1001, 3000])
@@ -96,6 +97,21 @@ def test_nms_large_random():
     scores = torch.rand(2000, generator=g)
     for thr in (0.3, 0.5, 0.7):
         assert torch.equal(mo.nms(boxes, scores, thr), tvo.nms(boxes, scores, thr))
+
+
+@pytest.mark.parametrize("block", [1, 7, 64, 4096])
+def test_block_size_does_not_change_the_result(block):
+    g = torch.Generator().manual_seed(block)
+    xy = torch.randint(0, 40, (700, 2), generator=g).float()
+    boxes = torch.cat([xy, xy + torch.randint(1, 15, (700, 2), generator=g)], dim=1)
+    scores = torch.randint(0, 9, (700,), generator=g).float()
+    order = scores.sort(descending=True, stable=True)[1]
+    keep = mo.boxes._greedy_keep(boxes[order], 0.5, block=block)
+    assert torch.equal(order[keep], tvo.nms(boxes, scores, 0.5))
+    labels = torch.randint(0, 4, (700,), generator=g)
+    order = order[labels[order].sort(stable=True)[1]]
+    keep = mo.boxes._greedy_keep(boxes[order], 0.5, labels=labels[order], block=block)
+    assert sorted(order[keep].tolist()) == sorted(tvo.boxes._batched_nms_vanilla(boxes, scores, labels, 0.5).tolist())
 
 
 def test_nms_edge_cases():

@@ -103,7 +103,7 @@ def _none_per_row(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).amax(dim=1) == 0
 
 
-def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int = 256) -> Tensor:
+def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int | None = None) -> Tensor:
     """Bool Tensor[N]: greedy NMS decisions for boxes already sorted by descending score.
 
     boxes: Tensor[N, 4]; labels: optional Tensor[N], non-decreasing (boxes grouped by class); when given, only
@@ -112,6 +112,8 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     "keep every survivor" (as many steps as the longest chain of suppressions).
     """
     N = boxes.shape[0]
+    if block is None:  # small blocks keep CPU work near torchvision's; a GPU prefers few, large steps
+        block = 256 if boxes.device.type == "cpu" else 4096
     x1, y1, x2, y2 = boxes.t().contiguous().unbind(0)  # (N,) each, contiguous
     coords = (x1, y1, x2, y2, (x2 - x1) * (y2 - y1))
     keep = torch.zeros(N, dtype=torch.bool, device=boxes.device)
