@@ -107,9 +107,9 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     """Bool Tensor[N]: greedy NMS decisions for boxes already sorted by descending score.
 
     boxes: Tensor[N, 4]; labels: optional Tensor[N], non-decreasing (boxes grouped by class); when given, only
-    boxes with equal labels suppress each other. Block by block: a box survives the earlier blocks when no box kept there overlaps it; inside the block the
-    greedy rule "keep j unless a kept i < j overlaps it" has one solution, reached by iterating it from
-    "keep every survivor" (as many steps as the longest chain of suppressions).
+    boxes with equal labels suppress each other. Block by block: a box survives the earlier blocks when no box
+    kept there overlaps it; inside the block the greedy rule "keep j unless a kept i < j overlaps it" has one
+    solution, reached by iterating it from "keep every survivor" (as many steps as the longest chain).
     """
     N = boxes.shape[0]
     if block is None:  # small blocks keep CPU work near torchvision's; a GPU prefers few, large steps

@@ -122,7 +122,7 @@ def _pool_adaptive(table, rois, base, height, width, scale, P, aligned) -> Tenso
     gh = torch.ceil(roi_h / Ph).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
     gw = torch.ceil(roi_w / Pw).long().clamp(min=0)
     ny, nx = Ph * gh, Pw * gw  # samples per RoI along y and x
-    Sy, Sx, S = torch.stack((ny.sum(), nx.sum(), (ny * nx).sum())).tolist()  # the one host read
+    Sy, Sx, S = torch.stack((ny.sum(), nx.sum(), (ny * nx).sum())).tolist()  # host read: the shapes below
     dtype = y1.dtype
     # samples along y: entries (k, ph, iy), and along x: (k, pw, ix)
     ky, local = _segment_arange(ny, Sy)
