@@ -60,7 +60,7 @@ def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return lo, hi, w_lo, w_hi
 
 
-def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool):
+def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, ...]:
     """Per-RoI start and bin size along y and x, and the RoI sizes, in the kernel's float order."""
     offset = 0.5 if aligned else 0.0
     x1 = rois[:, 1] * scale - offset
@@ -78,7 +78,8 @@ def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tens
     return (start + p * bin_size) + ((i + 0.5) * bin_size) / grid
 
 
-def _pool_fixed(table, rois, base, height, width, scale, P, g, aligned) -> Tensor:
+def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                P: tuple[int, int], g: int, aligned: bool) -> Tensor:
     """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
     K = rois.shape[0]
     Ph, Pw = P
@@ -114,7 +115,8 @@ def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
     return owner, local
 
 
-def _pool_adaptive(table, rois, base, height, width, scale, P, aligned) -> Tensor:
+def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                   P: tuple[int, int], aligned: bool) -> Tensor:
     """Per-RoI grid ceil(roi_size / P) per axis. Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
     K = rois.shape[0]
     Ph, Pw = P
