@@ -12,6 +12,7 @@ from minseg.errors import CheckpointError
 from minseg.models import deeplabv3, fcn
 from minseg.models import yolact
 from minseg.models import unet
+from minseg.models import panoptic_fpn
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "fcn_resnet50": fcn.fcn_resnet50,
@@ -23,6 +24,8 @@ MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "yolact_im700": yolact.yolact_im700,
     "yolact_darknet53": yolact.yolact_darknet53,
     "unet_resnet34": unet.unet_resnet34,
+    "panoptic_fpn_resnet50": panoptic_fpn.panoptic_fpn_resnet50,
+    "panoptic_fpn_resnet101": panoptic_fpn.panoptic_fpn_resnet101,
 }
 
 

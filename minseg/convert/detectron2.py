@@ -131,33 +131,48 @@ def to_tensors(obj: object, where: str) -> object:
 
 # ---------------------------------------------------------------------------------------------------- renaming
 
-BACKBONE: list[Rule] = [
-    # ResNet (MSRA layout) -> minseg's torchvision-style names: stem, resN = layerN-1, convK.norm = bnK
-    (r"backbone\.bottom_up\.stem\.conv1\.weight", r"backbone.conv1.weight"),
-    (r"backbone\.bottom_up\.stem\.conv1\.norm\.(.*)", r"backbone.bn1.\1"),
-    (r"backbone\.bottom_up\.res2\.(\d+)\.(.*)", r"backbone.layer1.\1.\2"),
-    (r"backbone\.bottom_up\.res3\.(\d+)\.(.*)", r"backbone.layer2.\1.\2"),
-    (r"backbone\.bottom_up\.res4\.(\d+)\.(.*)", r"backbone.layer3.\1.\2"),
-    (r"backbone\.bottom_up\.res5\.(\d+)\.(.*)", r"backbone.layer4.\1.\2"),
-]
+NORM = r"(weight|bias|running_mean|running_var)"
+STAGES = (2, 3, 4, 5)  # detectron2's res2..res5 are minseg's (torchvision's) layer1..layer4
 
-BLOCK: list[Rule] = [
-    # inside a block (applied after BACKBONE): conv{1,2,3}.norm -> bn{1,2,3}; shortcut -> downsample.0/1
-    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.weight", r"\1.conv\2.weight"),
-    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.norm\.(.*)", r"\1.bn\2.\3"),
-    (r"(backbone\.layer\d\.\d+)\.shortcut\.weight", r"\1.downsample.0.weight"),
-    (r"(backbone\.layer\d\.\d+)\.shortcut\.norm\.(.*)", r"\1.downsample.1.\2"),
-    (r"(backbone\.(conv1|bn1)\..*)", r"\1"),
+BACKBONE: list[Rule] = [
+    # ResNet (MSRA layout) -> minseg's torchvision-style names: stem.conv1 = conv1 + bn1, convK.norm = bnK,
+    # shortcut (conv + norm) = downsample.0 / downsample.1
+    (r"backbone\.bottom_up\.stem\.conv1\.weight", r"backbone.conv1.weight"),
+    (rf"backbone\.bottom_up\.stem\.conv1\.norm\.{NORM}", r"backbone.bn1.\1"),
+    *[(rf"backbone\.bottom_up\.res{k}\.(\d+)\.conv([123])\.weight", rf"backbone.layer{k - 1}.\1.conv\2.weight")
+      for k in STAGES],
+    *[(rf"backbone\.bottom_up\.res{k}\.(\d+)\.conv([123])\.norm\.{NORM}", rf"backbone.layer{k - 1}.\1.bn\2.\3")
+      for k in STAGES],
+    *[(rf"backbone\.bottom_up\.res{k}\.0\.shortcut\.weight", rf"backbone.layer{k - 1}.0.downsample.0.weight")
+      for k in STAGES],
+    *[(rf"backbone\.bottom_up\.res{k}\.0\.shortcut\.norm\.{NORM}", rf"backbone.layer{k - 1}.0.downsample.1.\1")
+      for k in STAGES],
 ]
 
 SEMANTIC: list[Rule] = [
-    # SemSegFPNHead: one Sequential per level named p2..p5 (convs at 0, 2, 4); Conv2d(norm=GN) keeps its norm inside
-    (r"sem_seg_head\.p([2-5])\.(\d)\.weight", r"sem_seg_head.levels.<\1>.\2.0.weight"),
-    (r"sem_seg_head\.p([2-5])\.(\d)\.norm\.(weight|bias)", r"sem_seg_head.levels.<\1>.\2.1.\3"),
+    # SemSegFPNHead: one Sequential per level named p2..p5 (convs at 0, 2, 4; Upsample between); each detectron2
+    # Conv2d keeps its GroupNorm inside as `.norm`, minseg's ConvNormAct has them at .0 (conv) and .1 (norm)
+    *[(rf"sem_seg_head\.p{k}\.(\d)\.weight", rf"sem_seg_head.levels.{k - 2}.\1.0.weight") for k in (2, 3, 4, 5)],
+    *[(rf"sem_seg_head\.p{k}\.(\d)\.norm\.(weight|bias)", rf"sem_seg_head.levels.{k - 2}.\1.1.\2") for k in (2, 3, 4, 5)],
     (r"sem_seg_head\.predictor\.(weight|bias)", r"sem_seg_head.predictor.\1"),
 ]
 
-NECK_AND_HEADS: list[Rule] = []  # FPN, RPN and RoI heads: filled in below from the shared modules' names
+NECK_AND_HEADS: list[Rule] = [
+    # FPN: detectron2 names the convs by level (2..5) on the backbone; minseg indexes them 0..3 on `fpn`
+    *[(rf"backbone\.fpn_lateral{k}\.(weight|bias)", rf"fpn.lateral.{k - 2}.\1") for k in (2, 3, 4, 5)],
+    *[(rf"backbone\.fpn_output{k}\.(weight|bias)", rf"fpn.output.{k - 2}.\1") for k in (2, 3, 4, 5)],
+    # RPN head
+    (r"proposal_generator\.rpn_head\.conv\.(weight|bias)", r"rpn.conv.\1"),
+    (r"proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)", r"rpn.cls_logits.\1"),
+    (r"proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)", r"rpn.bbox_pred.\1"),
+    # box head (2 fc) and predictor (background is the last row of cls_score: no reordering)
+    (r"roi_heads\.box_head\.(fc[12])\.(weight|bias)", r"roi_heads.\1.\2"),
+    (r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)", r"roi_heads.\1.\2"),
+    # mask head: mask_fcn1..4 -> mask_fcn.0..3
+    *[(rf"roi_heads\.mask_head\.mask_fcn{k}\.(weight|bias)", rf"roi_heads.mask_fcn.{k - 1}.\1") for k in (1, 2, 3, 4)],
+    (r"roi_heads\.mask_head\.deconv\.(weight|bias)", r"roi_heads.deconv.\1"),
+    (r"roi_heads\.mask_head\.predictor\.(weight|bias)", r"roi_heads.mask_predictor.\1"),
+]
 
 DROPS: list[Drop] = [
     (r"proposal_generator\.anchor_generator\.cell_anchors\.\d+",
@@ -168,18 +183,9 @@ DROPS: list[Drop] = [
 ARCHS = ("panoptic_fpn_resnet50", "panoptic_fpn_resnet101")
 
 
-def level_index(key: str) -> str:
-    """sem_seg_head.levels.<2>.x -> levels.0.x: the original names a level by its FPN name (p2..p5)."""
-    for p in "2345":
-        key = key.replace(f"levels.<{p}>", f"levels.{int(p) - 2}")
-    return key
-
-
 def rename_detectron2(state: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """detectron2 names -> minseg names; CheckpointError listing keys no rule or drop accounts for."""
-    state = rename(state, BACKBONE + SEMANTIC + NECK_AND_HEADS, DROPS, where)
-    state = rename(state, BLOCK + [(r"((?!backbone\.).*)", r"\1")], [], where)
-    return {level_index(k): v for k, v in state.items()}
+    return rename(state, BACKBONE + NECK_AND_HEADS + SEMANTIC, DROPS, where)
 
 
 def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, torch.Tensor], dict]:

@@ -1,0 +1,173 @@
+"""Panoptic FPN (Kirillov et al. 2019) at inference, as detectron2 builds it (COCO-PanopticSegmentation configs).
+
+One network, two outputs: a Mask R-CNN (ResNet + FPN, RPN, box and mask heads) finds the "things", and a light
+semantic head on the same FPN maps labels the "stuff"; panoptic fusion merges both into one segment id per pixel.
+
+    batch of BGR images -> normalise, pad to /32 -> ResNet (stride in the 1x1) -> FPN p2..p6
+        -> SemSegFPNHead(p2..p5)                                     -> sem_seg logits (padded size)
+        -> RPN (p2..p6) -> RoI heads (p2..p5)                        -> boxes, scores, classes, 28x28 mask probs
+    per image: rescale to (height, width), paste masks, crop+resize sem_seg, fuse -> panoptic_seg, segments_info
+
+Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.inference) and rcnn.py (preprocess_image);
+the RPN, RoI heads and FPN are the shared Mask R-CNN modules configured the detectron2 way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minseg.backbones.resnet import ResNet, resnet_config
+from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
+from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
+from minseg.models.panoptic_parts import build_fpn, build_rpn, build_roi_heads
+from minseg.ops.masks import paste_masks_detectron2
+
+
+@dataclass(frozen=True)
+class PanopticFPNConfig:
+    depth: int = 50
+    num_classes: int = 80                                   # things, contiguous 0..79 (background is index 80)
+    num_sem_seg_classes: int = 54                           # 53 stuff classes + 0 = "things"
+    pixel_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR, 0..255 (MSRA weights)
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size_divisibility: int = 32
+    min_size_test: int = 800                                # predict(): ResizeShortestEdge(800, 1333)
+    max_size_test: int = 1333
+    mask_threshold: float = 0.5                             # pasted mask probability >= this is foreground
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+class PanopticFPN(nn.Module):
+    """list[{"image": Tensor[3, H, W] BGR 0..255, "height", "width"}] -> per image {"instances": {"boxes" Tensor[K, 4],
+    "scores" Tensor[K], "labels" Tensor[K] (0..79), "masks" Tensor[K, height, width] bool}, "sem_seg"
+    Tensor[54, height, width], "panoptic_seg" Tensor[height, width] int32, "segments_info" list[dict]}."""
+
+    def __init__(self, cfg: PanopticFPNConfig, backbone: ResNet, fpn: nn.Module, rpn: nn.Module,
+                 roi_heads: nn.Module, sem_seg_head: SemSegFPNHead):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.fpn = fpn
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.sem_seg_head = sem_seg_head
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
+
+    def preprocess(self, batch: list[dict]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Normalise each image, then zero-pad all to one size divisible by 32 (right and bottom);
+        (Tensor[N, 3, Hp, Wp], unpadded (h, w) per image). Follows detectron2 structures/image_list.py."""
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise ValueError("expected a non-empty list of {'image': Tensor[3, H, W], 'height', 'width'} dicts")
+        images = []
+        for item in batch:
+            image = item["image"] if isinstance(item, dict) else None
+            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError("each input needs 'image': a Tensor[3, H, W] (BGR, 0..255)")
+            images.append((image.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std)
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        d = self.cfg.size_divisibility
+        hp = -(-max(h for h, _ in sizes) // d) * d
+        wp = -(-max(w for _, w in sizes) // d) * d
+        padded = images[0].new_zeros(len(images), 3, hp, wp)
+        for i, im in enumerate(images):
+            padded[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+        return padded, sizes
+
+    def forward(self, batch: list[dict]) -> list[dict]:
+        # 1. normalise and pad; ResNet; FPN
+        images, sizes = self.preprocess(batch)
+        features = self.fpn(self.backbone(images))                      # {"p2": Tensor[N, 256, Hp/4, Wp/4], ..., "p6"}
+        # 2. semantic logits at the padded size
+        sem_seg = self.sem_seg_head([features[k] for k in ("p2", "p3", "p4", "p5")])  # (N, 54, Hp, Wp)
+        # 3. proposals, then detections with 28x28 mask probabilities, at the network's input scale
+        proposals = self.rpn(features, sizes)
+        detections = self.roi_heads(features, proposals, sizes)
+        # 4. per image: back to the requested size, then fusion
+        results = []
+        for item, size, sem, det in zip(batch, sizes, sem_seg, detections):
+            height, width = int(item.get("height", size[0])), int(item.get("width", size[1]))
+            sem = sem_seg_postprocess(sem, size, height, width)
+            instances = detector_postprocess(det, size, height, width, self.cfg.mask_threshold)
+            panoptic, segments = combine_semantic_and_instances(
+                instances["scores"], instances["labels"], instances["masks"], sem.argmax(dim=0), self.cfg.fusion)
+            results.append({"instances": instances, "sem_seg": sem, "panoptic_seg": panoptic, "segments_info": segments})
+        return results
+
+    @torch.no_grad()
+    def predict(self, images) -> list[dict]:
+        """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the forward() dict at the image's
+        own size, as detectron2's DefaultPredictor computes it (PIL bilinear resize of the uint8 image, shortest
+        side 800, longest at most 1333)."""
+        from minseg.image import load_rgb_list
+
+        results = []
+        for image in load_rgb_list(images):
+            h, w = image.height, image.width
+            newh, neww = resize_shortest_edge(h, w, self.cfg.min_size_test, self.cfg.max_size_test)
+            # PIL filters each channel alone, so resizing RGB then flipping equals the original's resize of BGR
+            rgb = np.asarray(image.resize((neww, newh), resample=_pil_bilinear()))
+            bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1]).astype("float32")).permute(2, 0, 1)
+            results.extend(self([{"image": bgr.to(self.pixel_mean.device), "height": h, "width": w}]))
+        return results
+
+
+def _pil_bilinear():
+    from PIL import Image
+
+    return Image.BILINEAR
+
+
+def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """(new h, new w): shortest side to `short`, longest at most `max_size`, rounded half up.
+    Follows detectron2 data/transforms/augmentation_impl.py ResizeShortestEdge.get_output_shape (Python floats)."""
+    scale = short * 1.0 / min(h, w)
+    newh, neww = (short * 1.0, scale * w) if h < w else (scale * h, short * 1.0)
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def sem_seg_postprocess(logits: torch.Tensor, size: tuple[int, int], height: int, width: int) -> torch.Tensor:
+    """Tensor[C, Hp, Wp] logits at the padded size -> Tensor[C, height, width]: crop to the unpadded (h, w), then
+    bilinear resize (that order: cropping first would change the border values). detectron2 postprocessing.py."""
+    logits = logits[:, : size[0], : size[1]][None]
+    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def detector_postprocess(det: dict[str, torch.Tensor], size: tuple[int, int], height: int, width: int,
+                         mask_threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Detections at the network's input scale (boxes Tensor[K, 4], scores, labels, mask_probs Tensor[K, 1, M, M]) ->
+    boxes scaled to (height, width), clipped, empty ones dropped, masks pasted there as Tensor[K', height, width]
+    bool. Follows detectron2 modeling/postprocessing.py detector_postprocess."""
+    scale_x, scale_y = width / size[1], height / size[0]
+    boxes = det["boxes"].clone()
+    boxes[:, 0::2] *= scale_x
+    boxes[:, 1::2] *= scale_y
+    x1, y1, x2, y2 = boxes.unbind(1)
+    boxes = torch.stack([x1.clamp(min=0, max=width), y1.clamp(min=0, max=height),
+                         x2.clamp(min=0, max=width), y2.clamp(min=0, max=height)], dim=-1)
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    boxes, probs = boxes[keep], det["mask_probs"][keep]
+    masks = paste_masks_detectron2(probs[:, 0], boxes, (height, width), mask_threshold)
+    return {"boxes": boxes, "scores": det["scores"][keep], "labels": det["labels"][keep], "masks": masks}
+
+
+def panoptic_fpn(depth: int, num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
+    cfg = PanopticFPNConfig(depth=depth, num_classes=num_classes, num_sem_seg_classes=num_sem_seg_classes)
+    backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5))
+    return PanopticFPN(cfg, backbone, build_fpn(), build_rpn(), build_roi_heads(num_classes),
+                       SemSegFPNHead(SemSegFPNConfig(num_classes=num_sem_seg_classes)))
+
+
+def panoptic_fpn_resnet50(num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
+    return panoptic_fpn(50, num_classes, num_sem_seg_classes)
+
+
+def panoptic_fpn_resnet101(num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
+    return panoptic_fpn(101, num_classes, num_sem_seg_classes)

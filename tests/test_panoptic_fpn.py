@@ -1,0 +1,293 @@
+"""panoptic_fpn_resnet50 / panoptic_fpn_resnet101 against detectron2: every stage of both recorded cases, the
+detectron2 checkpoint reader (safe unpickling, .pth, legacy keys), the R-101 key list derived from the spec, and
+eval-time edge cases (batches of different sizes, no detections, no stuff, autocast, CUDA)."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import minseg
+from minseg.errors import CheckpointError
+from minseg_ref import parity_panoptic as ref
+from minseg_ref.common import load_synth
+
+from conftest import cuda
+
+CASES = ("model", "predictor")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fixtures: the recorded outputs, the synthetic checkpoint, the converted model
+
+@pytest.fixture(scope="module")
+def recorded():
+    try:
+        return ref.load_fixture()
+    except FileNotFoundError as e:
+        pytest.skip(f"Panoptic FPN parity fixture absent: {e}")
+
+
+@pytest.fixture(scope="module")
+def r50_keys(recorded):
+    return ref.read_keys(recorded[2])
+
+
+@pytest.fixture(scope="module")
+def synth_state(recorded, r50_keys):
+    return ref.synthetic_state(r50_keys, recorded[1])
+
+
+@pytest.fixture(scope="module")
+def converted(synth_state):
+    return ref.convert_synthetic(synth_state)
+
+
+@pytest.fixture(scope="module")
+def model(converted):
+    torch.set_num_threads(2)
+    model = minseg.create_model("panoptic_fpn_resnet50")
+    model.load_state_dict(converted, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(model, recorded):
+    out = {}
+    for case in CASES:
+        out.update(ref.stage_pairs(model, recorded[0], case))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parity with the recorded original
+
+def test_every_recorded_stage_is_compared(pairs, recorded):
+    inputs = {"model.image", "predictor.rgb"}
+    assert set(recorded[0]) - inputs == set(pairs)
+
+
+def test_fixture_stages(pairs):
+    """Discrete outputs (proposal order up to near-tie swaps, classes, masks, panoptic map, segments) identical;
+    float tensors within float32 rounding of other CPU kernels (bitwise with the recording's, see below)."""
+    rows = [(name, *ref.compare(a, b)) for name, (a, b) in pairs.items()]
+    assert not ref.failures(rows, bitwise=False), [r for r in rows if r[0] in ref.failures(rows, bitwise=False)]
+
+
+@pytest.mark.skipif(not ref.recorded_kernels_available(), reason="needs x86-64 with AVX2 to select the recording machine's kernels")
+def test_fixture_bitwise_with_recorded_kernels():
+    """With the AVX2 kernels the fixture machine used, every stage up to RoIAlign (features, proposals, sem_seg) is
+    bitwise identical, and every discrete output too; the float stages after RoIAlign differ only by its
+    summation order (ref.ROI_ALIGN_TOLERANCE)."""
+    rows = ref.run_report_recorded_kernels()
+    assert not ref.failures(rows, bitwise=True), [r for r in rows if not r[1]]
+
+
+def test_segments_info_matches_recorded_dicts(model, recorded):
+    """The segments_info dicts themselves (keys, types, values) as detectron2 returned them (meta.json)."""
+    fx, meta, _ = recorded
+    out, _ = ref.run_case(model, fx, "model")
+    expected = meta["cases"]["model"]["segments_info"]
+    assert [sorted(s) for s in out["segments_info"]] == [sorted(s) for s in expected]
+    for ours, theirs in zip(out["segments_info"], expected):
+        for key, value in theirs.items():
+            assert type(ours[key]) is type(value), key
+            assert ours[key] == pytest.approx(value, rel=1e-5) if key == "score" else ours[key] == value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the checkpoint reader
+
+def test_pkl_round_trip_equals_state(synth_state, converted):
+    """All 330 entries consumed; values unchanged by the unpickler (bitwise)."""
+    assert len(converted) == len(synth_state) == 330
+    assert sum(v.double().sum().item() for v in converted.values()) == pytest.approx(
+        sum(v.double().sum().item() for v in synth_state.values()), rel=0, abs=0)
+
+
+def test_pth_and_in_memory_dict_convert_identically(synth_state, converted, tmp_path):
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": synth_state, "iteration": 89999}, path)
+    for source in (path, {"model": {k: v.numpy() for k, v in synth_state.items()}, "__author__": "x"}, synth_state):
+        other = minseg.convert("detectron2", source, arch="panoptic_fpn_resnet50")
+        assert other.keys() == converted.keys() and all(torch.equal(other[k], converted[k]) for k in other)
+
+
+def test_legacy_cell_anchors_dropped_unknown_keys_refused(synth_state):
+    legacy = {**synth_state, **{f"proposal_generator.anchor_generator.cell_anchors.{i}": torch.zeros(3, 4)
+                                for i in range(5)}}
+    minseg.convert("detectron2", legacy, arch="panoptic_fpn_resnet50")
+    with pytest.raises(CheckpointError, match="roi_heads.keypoint_head"):
+        minseg.convert("detectron2", {**synth_state, "roi_heads.keypoint_head.fcn1.weight": torch.zeros(1)},
+                       arch="panoptic_fpn_resnet50")
+    missing = dict(synth_state)
+    missing.pop("sem_seg_head.predictor.bias")
+    with pytest.raises(CheckpointError, match="sem_seg_head.predictor.bias"):
+        minseg.convert("detectron2", missing, arch="panoptic_fpn_resnet50")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top", "inside_model", "as_array_subtype"])
+def test_hostile_pickle_refused_without_running(tmp_path, where):
+    marker = tmp_path / "pwned"
+    payload = Payload(marker)
+    if where == "top":
+        obj = payload
+    elif where == "inside_model":
+        obj = {"model": {"backbone.fpn_lateral2.weight": np.zeros(2, np.float32), "x": payload}, "__author__": "x"}
+    else:
+        obj = {"model": {"w": np.zeros(2, np.float32)}, "__author__": "x", "evil": [payload]}
+    path = tmp_path / "model_final_evil.pkl"
+    path.write_bytes(pickle.dumps(obj, protocol=2))
+    with pytest.raises(CheckpointError, match="not allowed"):
+        minseg.convert("detectron2", path, arch="panoptic_fpn_resnet50")
+    assert not marker.exists()
+
+
+def test_object_arrays_and_caffe2_pickles_refused(tmp_path):
+    path = tmp_path / "objects.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": np.array([1, "a"], dtype=object)}, "__author__": "x"}))
+    with pytest.raises(CheckpointError, match="not allowed"):
+        minseg.convert("detectron2", path, arch="panoptic_fpn_resnet50")
+    path.write_bytes(pickle.dumps({"blobs": {"conv1_w": np.zeros(2, np.float32)}}))
+    with pytest.raises(CheckpointError, match="Caffe2"):
+        minseg.convert("detectron2", path, arch="panoptic_fpn_resnet50")
+    path.write_bytes(b"\x80\x04not a pickle")
+    with pytest.raises(CheckpointError):
+        minseg.convert("detectron2", path, arch="panoptic_fpn_resnet50")
+
+
+def test_pickle_protocol_5_arrays_read(tmp_path, synth_state):
+    path = tmp_path / "p5.pkl"
+    path.write_bytes(pickle.dumps({"model": {k: v.numpy() for k, v in synth_state.items()}, "__author__": "x"},
+                                  protocol=5))
+    out = minseg.convert("detectron2", path, arch="panoptic_fpn_resnet50")
+    assert torch.equal(out["sem_seg_head.predictor.weight"], synth_state["sem_seg_head.predictor.weight"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ResNet-101: the key list derived from the spec
+
+def test_r101_keys_all_consumed_and_model_runs(r50_keys, recorded):
+    keys = ref.r101_keys(r50_keys)
+    assert len(keys) == 585 and len({k for k, _, _ in keys}) == 585
+    state = ref.synthetic_state(keys, recorded[1])
+    converted = ref.convert_synthetic(state, "panoptic_fpn_resnet101")
+    assert len(converted) == 585
+    model = minseg.create_model("panoptic_fpn_resnet101")
+    model.load_state_dict(converted, strict=True)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0)) * 255
+    with torch.no_grad():
+        (out,) = model([{"image": image, "height": 48, "width": 72}])
+    assert out["sem_seg"].shape == (54, 48, 72) and out["panoptic_seg"].shape == (48, 72)
+    assert out["panoptic_seg"].dtype == torch.int32
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# eval-time behaviour
+
+def small_images():
+    """Two sizes that pad to the same 96x128: padding is normalised-zero, but after the first conv + FrozenBN it is
+    not zero any more, so (in the original too) an image's results depend on how far its batch is padded."""
+    g = torch.Generator().manual_seed(5)
+    return [torch.rand(3, 70, 97, generator=g) * 255, torch.rand(3, 93, 110, generator=g) * 255]
+
+
+def assert_same_output(a: dict, b: dict):
+    for k in ("boxes", "scores"):
+        torch.testing.assert_close(a["instances"][k], b["instances"][k], rtol=1e-4, atol=1e-3)
+    assert torch.equal(a["instances"]["labels"], b["instances"]["labels"])
+    assert (a["instances"]["masks"] != b["instances"]["masks"]).sum() <= 2
+    torch.testing.assert_close(a["sem_seg"], b["sem_seg"], rtol=1e-4, atol=1e-4)
+    assert (a["panoptic_seg"] != b["panoptic_seg"]).float().mean() < 1e-3
+
+
+def test_batch_of_different_sizes_equals_one_at_a_time(model):
+    images = small_images()
+    batch = [{"image": images[0], "height": 50, "width": 61}, {"image": images[1]}]
+    with torch.no_grad():
+        together = model(batch)
+        alone = [model([item])[0] for item in batch]
+    assert together[1]["sem_seg"].shape == (54, 93, 110)
+    for a, b in zip(together, alone):
+        assert_same_output(a, b)
+
+
+def model_with(synth_state, key: str, value: torch.Tensor):
+    """The fixture model with one detectron2 entry replaced, converted as a user would."""
+    state = {**synth_state, key: value}
+    model = minseg.create_model("panoptic_fpn_resnet50")
+    model.load_state_dict(minseg.convert("detectron2", state, arch="panoptic_fpn_resnet50"), strict=True)
+    return model.eval()
+
+
+def test_no_detections(synth_state):
+    """Background wins every proposal: no instances, masks of shape (0, H, W) bool, only stuff segments."""
+    bias = synth_state["roi_heads.box_predictor.cls_score.bias"].clone()
+    bias[-1] = 1e4  # background is the last class
+    model = model_with(synth_state, "roi_heads.box_predictor.cls_score.bias", bias)
+    with torch.no_grad():
+        (out,) = model([{"image": small_images()[0], "height": 70, "width": 97}])
+    inst = out["instances"]
+    assert inst["boxes"].shape == (0, 4) and inst["scores"].shape == (0,) and inst["labels"].shape == (0,)
+    assert inst["masks"].shape == (0, 70, 97) and inst["masks"].dtype == torch.bool
+    assert out["segments_info"] and all(not s["isthing"] for s in out["segments_info"])
+
+
+def test_no_stuff(synth_state):
+    """The sem-seg head predicts "things" everywhere: only thing segments, void where no instance is."""
+    bias = torch.full_like(synth_state["sem_seg_head.predictor.bias"], -1e4)
+    bias[0] = 1e4
+    model = model_with(synth_state, "sem_seg_head.predictor.bias", bias)
+    with torch.no_grad():
+        (out,) = model([{"image": small_images()[0], "height": 70, "width": 97}])
+    assert (out["sem_seg"].argmax(0) == 0).all()
+    assert out["segments_info"] and all(s["isthing"] for s in out["segments_info"])
+    assert (out["panoptic_seg"] == 0).any()  # pixels no instance claimed stay void
+
+
+def test_autocast_bfloat16_runs(model):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model([{"image": small_images()[0]}])
+    assert out["panoptic_seg"].dtype == torch.int32 and out["instances"]["masks"].dtype == torch.bool
+
+
+def test_predict_reads_a_file_like_the_recorded_array(model, recorded, tmp_path):
+    """An image file gives what the recorded RGB array gave detectron2's DefaultPredictor."""
+    from PIL import Image
+
+    fx = recorded[0]
+    Image.fromarray(fx["predictor.rgb"].numpy()).save(tmp_path / "im.png")
+    (out,) = model.predict(tmp_path / "im.png")
+    assert torch.equal(out["panoptic_seg"], fx["predictor.panoptic_seg"])
+
+
+def test_bad_inputs_raise_clearly(model):
+    with pytest.raises(ValueError, match="Tensor\\[3, H, W\\]"):
+        model([{"image": torch.zeros(64, 64)}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        model([])
+
+
+@cuda
+def test_cuda_matches_cpu(model):
+    images = small_images()
+    with torch.no_grad():
+        cpu = model([{"image": images[0]}])[0]
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        gpu = model.cuda()([{"image": images[0].cuda()}])[0]
+        model.cpu()
+    gpu = {"instances": {k: v.cpu() for k, v in gpu["instances"].items()}, "sem_seg": gpu["sem_seg"].cpu(),
+           "panoptic_seg": gpu["panoptic_seg"].cpu()}
+    assert_same_output(gpu, cpu)
