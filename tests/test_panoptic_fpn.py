@@ -191,6 +191,8 @@ def test_r101_keys_all_consumed_and_model_runs(r50_keys, recorded):
         (out,) = model([{"image": image, "height": 48, "width": 72}])
     assert out["sem_seg"].shape == (54, 48, 72) and out["panoptic_seg"].shape == (48, 72)
     assert out["panoptic_seg"].dtype == torch.int32
+    with pytest.raises(CheckpointError, match="panoptic_fpn_resnet101"):
+        minseg.convert("detectron2", state, arch="panoptic_fpn_resnet50")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -188,6 +188,18 @@ def rename_detectron2(state: dict[str, torch.Tensor], where: str) -> dict[str, t
     return rename(state, BACKBONE + NECK_AND_HEADS + SEMANTIC, DROPS, where)
 
 
+DEPTH_BY_RES4_BLOCKS = {6: 50, 23: 101}
+
+
+def check_depth(state: dict[str, torch.Tensor], arch: str, where: str) -> None:
+    """A clear error when an R-50 checkpoint is converted for the R-101 model or the other way round."""
+    blocks = {int(k.split(".")[3]) for k in state if k.startswith("backbone.bottom_up.res4.")}
+    depth = DEPTH_BY_RES4_BLOCKS.get(len(blocks))
+    if depth is not None and f"resnet{depth}" not in arch:
+        raise CheckpointError(f"{where}: a ResNet-{depth} Panoptic FPN checkpoint ({len(blocks)} res4 blocks); "
+                              f"convert it with arch='panoptic_fpn_resnet{depth}', not {arch!r}")
+
+
 def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, torch.Tensor], dict]:
     if isinstance(checkpoint, dict):
         where, raw = "state dict", checkpoint
@@ -196,6 +208,7 @@ def convert(checkpoint: str | os.PathLike | dict, arch: str) -> tuple[dict[str, 
     else:
         raise CheckpointError(f"checkpoint must be a path or a state dict, got {type(checkpoint).__name__}")
     state = as_state_dict(to_tensors(raw, where), where)
+    check_depth(state, arch, where)
     state = rename_detectron2(state, where)
     overrides = {}
     if "roi_heads.box_predictor.cls_score.weight" in state:
