@@ -110,10 +110,13 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     boxes with equal labels suppress each other. Block by block: a box survives the earlier blocks when no box
     kept there overlaps it; inside the block the greedy rule "keep j unless a kept i < j overlaps it" has one
     solution, reached by iterating it from "keep every survivor" (as many steps as the longest chain).
+    On CPU every step works on fewer than 32768 elements (ATen's parallel grain): such ops run inline, which
+    is faster than handing them to a second thread and does not stall when the other core is busy.
     """
     N = boxes.shape[0]
-    if block is None:  # small blocks keep CPU work near torchvision's; a GPU prefers few, large steps
-        block = 256 if boxes.device.type == "cpu" else 4096
+    cpu = boxes.device.type == "cpu"
+    if block is None:  # on CPU the largest block whose B x B comparison stays below the grain
+        block = 181 if cpu else 4096
     x1, y1, x2, y2 = boxes.t().contiguous().unbind(0)  # (N,) each, contiguous
     coords = (x1, y1, x2, y2, (x2 - x1) * (y2 - y1))
     keep = torch.zeros(N, dtype=torch.bool, device=boxes.device)
@@ -122,18 +125,25 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     for start in range(0, N, block):
         stop = min(start + block, N)
         blk = tuple(c[start:stop] for c in coords)
-        prev = kept
+        blk_labels = labels[start:stop] if labels is not None else None
+        first = 0
         if labels is not None:
             # class-major order: only the kept boxes of this block's classes, a suffix of `kept`, can suppress
-            blk_labels = labels[start:stop]
             first = int(torch.searchsorted(kept_labels, blk_labels[:1]))
-            prev = tuple(k[first:] for k in kept)
-        n_prev = prev[0].shape[0]
-        over = _overlaps(blk, tuple(torch.cat((k, b)) for k, b in zip(prev, blk)), threshold)  # (B, n_prev + B)
+        # survivors: no earlier kept box overlaps them (compared in column chunks)
+        candidate = torch.ones(stop - start, dtype=torch.bool, device=boxes.device)
+        n_kept = kept[0].shape[0]
+        step = max(1, 32767 // (stop - start)) if cpu else max(n_kept - first, 1)
+        for c0 in range(first, n_kept, step):
+            c1 = min(c0 + step, n_kept)
+            over = _overlaps(blk, tuple(k[c0:c1] for k in kept), threshold)  # (B, c1 - c0)
+            if labels is not None:
+                over &= blk_labels[:, None] == kept_labels[None, c0:c1]
+            candidate &= _none_per_row(over)
+        # inside the block: inner[j, i] = box i < j overlaps box j
+        inner = torch.tril(_overlaps(blk, blk, threshold), diagonal=-1)  # (B, B)
         if labels is not None:
-            over &= blk_labels[:, None] == torch.cat((kept_labels[first:], blk_labels))[None, :]
-        candidate = _none_per_row(over[:, :n_prev])  # (B,) not suppressed by an earlier block
-        inner = torch.tril(over[:, n_prev:], diagonal=-1)  # inner[j, i]: box i < j of the block overlaps j
+            inner &= blk_labels[:, None] == blk_labels[None, :]
         k = candidate
         while True:
             new_k = candidate & _none_per_row(inner & k[None, :])
