@@ -117,33 +117,35 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     cpu = boxes.device.type == "cpu"
     if block is None:  # on CPU the largest block whose B x B comparison stays below the grain
         block = 181 if cpu else 4096
-    x1, y1, x2, y2 = boxes.t().contiguous().unbind(0)  # (N,) each, contiguous
-    coords = (x1, y1, x2, y2, (x2 - x1) * (y2 - y1))
+    x1, y1, x2, y2 = boxes.t()
+    coords = torch.stack((x1, y1, x2, y2, (x2 - x1) * (y2 - y1)))  # (5, N): x1, y1, x2, y2, area
     keep = torch.zeros(N, dtype=torch.bool, device=boxes.device)
-    kept = tuple(c[:0] for c in coords)  # coordinates of the boxes kept so far
+    kept = coords[:, :0]  # (5, n) the boxes kept so far
     kept_labels = labels[:0] if labels is not None else None
     for start in range(0, N, block):
         stop = min(start + block, N)
-        blk = tuple(c[start:stop] for c in coords)
+        B = stop - start
+        blk = coords[:, start:stop]  # (5, B)
         blk_labels = labels[start:stop] if labels is not None else None
         first = 0
         if labels is not None:
             # class-major order: only the kept boxes of this block's classes, a suffix of `kept`, can suppress
             first = int(torch.searchsorted(kept_labels, blk_labels[:1]))
-        # survivors: no earlier kept box overlaps them (compared in column chunks)
-        candidate = torch.ones(stop - start, dtype=torch.bool, device=boxes.device)
-        n_kept = kept[0].shape[0]
-        step = max(1, 32767 // (stop - start)) if cpu else max(n_kept - first, 1)
-        for c0 in range(first, n_kept, step):
-            c1 = min(c0 + step, n_kept)
-            over = _overlaps(blk, tuple(k[c0:c1] for k in kept), threshold)  # (B, c1 - c0)
+        # compare the block with the earlier kept boxes, in column chunks, and with itself (in the last chunk)
+        cols = torch.cat((kept[:, first:], blk), dim=1)  # (5, n_prev + B)
+        col_labels = torch.cat((kept_labels[first:], blk_labels)) if labels is not None else None
+        n_prev = cols.shape[1] - B
+        step = max(B, 32767 // B) if cpu else cols.shape[1]
+        candidate = torch.ones(B, dtype=torch.bool, device=boxes.device)
+        inner = None
+        for c1 in range(cols.shape[1], 0, -step):  # from the end, so the first chunk holds the whole block
+            c0 = max(0, c1 - step)
+            over = _overlaps(blk.unbind(0), cols[:, c0:c1].unbind(0), threshold)  # (B, c1 - c0)
             if labels is not None:
-                over &= blk_labels[:, None] == kept_labels[None, c0:c1]
-            candidate &= _none_per_row(over)
-        # inside the block: inner[j, i] = box i < j overlaps box j
-        inner = torch.tril(_overlaps(blk, blk, threshold), diagonal=-1)  # (B, B)
-        if labels is not None:
-            inner &= blk_labels[:, None] == blk_labels[None, :]
+                over &= blk_labels[:, None] == col_labels[None, c0:c1]
+            if inner is None:  # inner[j, i]: box i < j of the block overlaps box j
+                inner = torch.tril(over[:, -B:], diagonal=-1)  # (B, B)
+            candidate &= _none_per_row(over[:, :max(0, min(c1, n_prev) - c0)])  # earlier kept boxes
         k = candidate
         while True:
             new_k = candidate & _none_per_row(inner & k[None, :])
@@ -151,7 +153,7 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
                 break
             k = new_k
         keep[start:stop] = k
-        kept = tuple(torch.cat((kc, bc[k])) for kc, bc in zip(kept, blk))
+        kept = torch.cat((kept, blk[:, k]), dim=1)
         if labels is not None:
             kept_labels = torch.cat((kept_labels, blk_labels[k]))
     return keep
