@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _CHUNK_PIXELS = 1 << 22  # window pixels computed per step (bounds the temporaries)
+_PAD_FACTOR = 1.5  # a group's padded pixels may exceed its real window pixels by this factor
 
 
 def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
@@ -49,7 +50,7 @@ def _buckets(windows: Tensor):
         while stop < len(order):
             i = order[stop]
             nw, nh = max(w, ws[i]), max(h, hs[i])
-            if (stop - start + 1) * nw * nh > max(1.5 * (area + ws[i] * hs[i]), 4096) or \
+            if (stop - start + 1) * nw * nh > max(_PAD_FACTOR * (area + ws[i] * hs[i]), 4096) or \
                     (stop - start + 1) * nw * nh > _CHUNK_PIXELS:
                 break
             w, h, area, stop = nw, nh, area + ws[i] * hs[i], stop + 1
