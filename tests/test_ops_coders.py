@@ -115,3 +115,12 @@ def test_detectron2_anchors():
     shift = torch.tensor([x * stride, y * stride, x * stride, y * stride], dtype=torch.float32)
     assert torch.equal(anchors[1][(y * W + x) * 3 + a], level[a] + shift)
     assert anchors[0].dtype == torch.float32
+
+
+def test_grid_anchors_with_offset():
+    """detectron2's offset (0.5 centres anchors in their cells): shifts are (x + offset) * stride."""
+    cells = mo.detectron2_cell_anchors([16], [1.0])
+    anchors = mo.grid_anchors(cells, (3, 4), (8, 8), offset=0.5)
+    ys, xs = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
+    centres = torch.stack(((xs.reshape(-1) + 0.5) * 8, (ys.reshape(-1) + 0.5) * 8), dim=1)
+    torch.testing.assert_close(anchors, torch.cat([centres - 8, centres + 8], dim=1), rtol=0, atol=0)

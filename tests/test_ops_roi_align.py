@@ -208,3 +208,18 @@ def test_roi_align_cuda_matches_torchvision_without_sync():
     torch.testing.assert_close(ours, tvo.roi_align(x, rois, 7, 0.25, 2, False), rtol=0, atol=1e-5)
     torch.testing.assert_close(mo.roi_align(x, rois, 14, 0.25, 0, True), tvo.roi_align(x, rois, 14, 0.25, 0, True),
                                rtol=0, atol=1e-5)
+
+
+def test_multiscale_single_level_channels_last_and_errors():
+    g = torch.Generator().manual_seed(6)
+    feat = torch.randn(2, 8, 32, 40, generator=g)
+    boxes = [_fpn_boxes(g, 20, image=(128, 160)), _fpn_boxes(g, 10, image=(128, 160))]
+    tv = tvo.MultiScaleRoIAlign(["p"], 5, 2)({"p": feat}, boxes, [(128, 160), (128, 160)])
+    pooler = mo.MultiScaleRoIAlign(5, 2)
+    torch.testing.assert_close(pooler([feat], boxes, [(128, 160), (128, 160)]), tv, rtol=0, atol=2e-6)
+    cl = feat.to(memory_format=torch.channels_last)  # already a channels-last table: no copy, same result
+    torch.testing.assert_close(pooler([cl], boxes, [(128, 160), (128, 160)]), tv, rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="image_sizes"):
+        pooler([feat], boxes)
+    with pytest.raises(ValueError, match="level_rule"):
+        mo.MultiScaleRoIAlign(5, 2, level_rule="fpn")
