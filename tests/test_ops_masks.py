@@ -106,6 +106,8 @@ def test_paste_cuda_matches_cpu():
     xy = torch.rand(20, 2, generator=g) * 200
     boxes = torch.cat([xy, xy + 1 + torch.rand(20, 2, generator=g) * 150], dim=1)
     cpu = mo.paste_masks_detectron2(masks, boxes, (300, 320))
-    assert torch.equal(mo.paste_masks_detectron2(masks.cuda(), boxes.cuda(), (300, 320)).cpu(), cpu)
+    gpu = mo.paste_masks_detectron2(masks.cuda(), boxes.cuda(), (300, 320)).cpu()
+    # CUDA's grid_sample rounds differently in the last bit: only pixels at the 0.5 boundary may flip
+    assert (gpu != cpu).sum() <= max(1, cpu.numel() // 100_000)
     torch.testing.assert_close(mo.paste_masks_torchvision(masks[:, None].cuda(), boxes.cuda(), (300, 320)).cpu(),
                                mo.paste_masks_torchvision(masks[:, None], boxes, (300, 320)), rtol=0, atol=1e-6)
