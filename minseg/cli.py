@@ -60,7 +60,7 @@ def cmd_predict(args) -> int:
         model = model.to(args.device)
     for path in images:
         (result,) = model.predict([str(path)])
-        for written in save_prediction(args.model, path, result, out_dir):
+        for written in save_prediction(args.model, path, result, out_dir, args.score_threshold):
             print(written)
     return 0
 
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="minseg .safetensors (random init when omitted)")
     p.add_argument("--out", default="out", help="output directory (default: ./out)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this (JSON lists all)")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_predict)
 

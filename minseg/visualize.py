@@ -55,49 +55,71 @@ def semantic_overlay(rgb: np.ndarray, labels: torch.Tensor, names: list[str]) ->
     return draw_legend(Image.fromarray(picture), legend), info
 
 
-def instance_overlay(rgb: np.ndarray, result: dict, names: list[str]) -> tuple[Image.Image, dict]:
+def instance_overlay(rgb: np.ndarray, result: dict, names: list[str], score_threshold: float = 0.5) -> tuple[Image.Image, dict]:
+    """Translucent masks, boxes and "name score" labels for detections scoring >= score_threshold (the JSON
+    lists every detection)."""
     boxes, labels, scores = result["boxes"].cpu(), result["labels"].cpu(), result["scores"].cpu()
     masks = result["masks"].cpu()
     if masks.dim() == 4:  # torchvision: [K, 1, H, W] probabilities
         masks = masks[:, 0] >= 0.5
     masks = masks.bool().numpy()
     colours = palette(len(labels) + 1)[1:]
+    shown = [i for i in range(len(labels)) if scores[i] >= score_threshold][::-1]  # best drawn last, on top
     picture = rgb.copy()
-    for i in range(len(labels)):  # drawing only: one blend per instance is what a picture needs
+    for i in shown:  # drawing only: one blend per shown instance is what a picture needs
         picture = blend(picture, np.broadcast_to(colours[i], picture.shape), masks[i], 0.45)
     image = Image.fromarray(picture)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    detections = []
-    for i, (box, label, score) in enumerate(zip(boxes.tolist(), labels.tolist(), scores.tolist())):
-        colour = tuple(int(c) for c in colours[i])
-        name = class_name(names, label)
+    for i in shown:
+        box, colour = boxes[i].tolist(), tuple(int(c) for c in colours[i])
         draw.rectangle(box, outline=colour, width=2)
-        text = f"{name} {score:.2f}"
+        text = f"{class_name(names, int(labels[i]))} {float(scores[i]):.2f}"
         x, y = box[0], max(box[1] - 12, 0)
         draw.rectangle([x, y, x + draw.textlength(text, font=font) + 4, y + 12], fill=colour)
         draw.text((x + 2, y), text, fill=(255, 255, 255), font=font)
+    detections = []
+    for i, (box, label, score) in enumerate(zip(boxes.tolist(), labels.tolist(), scores.tolist())):
+        name = class_name(names, label)
         detections.append({"label": label, "name": name, "score": round(score, 5), "box": [round(v, 2) for v in box],
                            "mask_pixels": int(masks[i].sum())})
     return image, {"detections": detections}
 
 
+def boundaries(seg: np.ndarray) -> np.ndarray:
+    """Bool mask of pixels whose right or lower neighbour belongs to another segment."""
+    edge = np.zeros(seg.shape, bool)
+    edge[:, :-1] |= seg[:, :-1] != seg[:, 1:]
+    edge[:-1, :] |= seg[:-1, :] != seg[1:, :]
+    return edge
+
+
 def panoptic_overlay(rgb: np.ndarray, result: dict) -> tuple[Image.Image, dict]:
+    """Stuff and thing segments coloured by category (instances of one category get shades of its colour),
+    white segment borders, a legend of the categories present."""
     seg = result["panoptic_seg"].cpu().numpy()
     info = result["segments_info"]
+    things, stuff = palette(80), palette(len(COCO_PANOPTIC_STUFF) + 80)[80:]
     colours = np.zeros((int(seg.max()) + 1, 3), np.uint8)
-    segment_colours = palette(len(info) + 1)[1:]
-    legend, segments = [], []
-    for colour, s in zip(segment_colours, info):
-        colours[s["id"]] = colour
-        name = class_name(COCO_CLASSES, s["category_id"]) if s["isthing"] else class_name(COCO_PANOPTIC_STUFF, s["category_id"])
-        legend.append((f"{s['id']}: {name}", colour))
+    legend: dict[str, np.ndarray] = {}
+    segments, shade = [], {}
+    for s in info:
+        c = int(s["category_id"])
+        if s["isthing"]:
+            name, base = class_name(COCO_CLASSES, c), things[c % 80].astype(np.float32)
+            k = shade[c] = shade.get(c, -1) + 1
+            colour = np.clip(base * (1.0 - 0.12 * (k % 4)) + 30 * (k % 2), 0, 255).astype(np.uint8)
+        else:
+            name, colour = class_name(COCO_PANOPTIC_STUFF, c), stuff[c % len(stuff)]
+        colours[int(s["id"])] = colour
+        legend.setdefault(name, colour if not s["isthing"] else things[c % 80])
         segments.append({**{k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}, "name": name})
-    picture = blend(rgb, colours[seg], seg > 0, 0.55)
-    return draw_legend(Image.fromarray(picture), legend), {"segments_info": segments}
+    picture = blend(rgb, colours[seg], seg > 0, 0.6)
+    picture[boundaries(seg)] = 255
+    return draw_legend(Image.fromarray(picture), sorted(legend.items())), {"segments_info": segments}
 
 
-def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Path) -> list[Path]:
+def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Path, score_threshold: float = 0.5) -> list[Path]:
     """Write <stem>.<model>.png (overlay) and <stem>.<model>.json; returns the written paths."""
     rgb = np.asarray(load_rgb(image_path))
     if "panoptic_seg" in result:
@@ -106,7 +128,7 @@ def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Pa
         info["detections"] = instance_overlay(rgb, {**instances}, COCO_CLASSES)[1]["detections"]
     elif "boxes" in result:
         names = TORCHVISION_COCO_CLASSES if model_name.startswith("maskrcnn") else COCO_CLASSES
-        picture, info = instance_overlay(rgb, result, names)
+        picture, info = instance_overlay(rgb, result, names, score_threshold)
     else:
         names = VOC_CLASSES if result["probs"].shape[0] == 21 else [f"class {i}" for i in range(result["probs"].shape[0])]
         picture, info = semantic_overlay(rgb, result["labels"], names)
