@@ -13,6 +13,7 @@ from minseg.models import deeplabv3, fcn
 from minseg.models import yolact
 from minseg.models import unet
 from minseg.models import panoptic_fpn
+from minseg.models import mask_rcnn
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "fcn_resnet50": fcn.fcn_resnet50,
@@ -26,6 +27,8 @@ MODELS: dict[str, Callable[..., torch.nn.Module]] = {
     "unet_resnet34": unet.unet_resnet34,
     "panoptic_fpn_resnet50": panoptic_fpn.panoptic_fpn_resnet50,
     "panoptic_fpn_resnet101": panoptic_fpn.panoptic_fpn_resnet101,
+    "maskrcnn_resnet50_fpn": mask_rcnn.maskrcnn_resnet50_fpn,
+    "maskrcnn_resnet50_fpn_v2": mask_rcnn.maskrcnn_resnet50_fpn_v2,
 }
 
 

@@ -1,0 +1,196 @@
+"""Mask R-CNN's RoI heads (He et al. 2017): boxes and classes from pooled 7x7 features, masks from 14x14.
+
+    proposals -> multi-scale RoIAlign 7x7 -> box head (2 fc, or 4 conv + 1 fc) -> class logits, class deltas
+        -> softmax, decode one box per class, clip -> (score > thresh) -> NMS per class -> best detections_per_img
+    detections -> multi-scale RoIAlign 14x14 -> 4 conv (+ norm) + ReLU -> 2x2 deconv + ReLU -> 1x1 per class
+        -> sigmoid, the detected class's channel -> mask probabilities Tensor[K, 1, 28, 28]
+
+One implementation for both originals at inference; `RoIHeadsConfig` holds what they do differently:
+  torchvision (models/detection/roi_heads.py, postprocess_detections, maskrcnn_inference): background is
+    class 0 of every layer (cls_score, bbox_pred, mask predictor all have K+1 outputs) and labels are 1..K;
+    RoIAlign aligned=False, sampling 2, its level rule and scales inferred from the image sizes; boxes with a
+    side < 1e-2 are dropped before NMS.
+  detectron2 (roi_heads/fast_rcnn.py fast_rcnn_inference, mask_head.py mask_rcnn_inference): background is the
+    LAST classifier column, no background box or mask (K boxes, K masks), labels 0..K-1; ROIAlignV2 (aligned,
+    adaptive sampling) at fixed scales 1/4..1/32 with its level rule; non-finite rows dropped; no size filter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minseg.ops.box_coders import BoxCoder, Box2BoxTransform
+from minseg.ops.boxes import batched_nms, clip_boxes_to_image
+from minseg.ops.layers import make_norm
+from minseg.ops.poolers import MultiScaleRoIAlign
+
+
+@dataclass(frozen=True)
+class RoIHeadsConfig:
+    num_classes: int = 90                     # foreground classes K (torchvision COCO: 90 ids + background)
+    background: str = "first"                 # "first": torchvision layout (K+1 everywhere); "last": detectron2
+    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
+    channels: int = 256
+    # poolers
+    level_rule: str = "torchvision"           # see ops/poolers.py
+    aligned: bool = False
+    sampling_ratio: int = 2                   # 0: adaptive (detectron2)
+    scales: tuple[float, ...] | None = None   # None: inferred from feature and image sizes (torchvision)
+    # box head: box_convs 3x3 conv(+norm)+ReLU layers, then flatten and box_fcs fc+ReLU layers
+    box_convs: int = 0                        # torchvision v2: 4
+    box_fcs: int = 2                          # torchvision v2: 1
+    fc_dim: int = 1024
+    norm: str | None = None                   # norm after the head convs (torchvision v2: "bn")
+    norm_eps: float = 1e-5
+    # box decoding and selection
+    flavour: str = "torchvision"              # box coder: "torchvision" (BoxCoder) | "detectron2" (Box2BoxTransform)
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    score_thresh: float = 0.05                # keep class scores > this (both originals: strict)
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    min_size: float | None = 1e-2             # drop boxes with a side < this (torchvision); None: keep all
+    drop_nonfinite: bool = False              # drop proposals whose boxes or scores are inf/NaN (detectron2)
+    # mask head
+    mask_convs: int = 4
+    mask_channels: int = 256
+
+
+def conv_norm_relu(cin: int, cout: int, norm: str | None, eps: float) -> nn.Sequential:
+    """3x3 conv (+ norm) + ReLU, indexed 0/1(/2) like torchvision's Conv2dNormActivation."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=norm is None)
+    layers = [conv] if norm is None else [conv, make_norm(norm, cout, eps)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True))
+
+
+class BoxHead(nn.Module):
+    """Pooled Tensor[R, C, 7, 7] -> Tensor[R, fc_dim]: convs (TwoMLPHead has none; FastRCNNConvFCHead has 4),
+    flatten, fcs."""
+
+    def __init__(self, cfg: RoIHeadsConfig):
+        super().__init__()
+        C = cfg.channels
+        self.conv = nn.ModuleList(conv_norm_relu(C, C, cfg.norm, cfg.norm_eps) for _ in range(cfg.box_convs))
+        dims = [C * 7 * 7] + [cfg.fc_dim] * cfg.box_fcs
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        for m in self.conv.modules():  # torchvision's FastRCNNConvFCHead init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.conv:
+            x = conv(x)
+        x = x.flatten(1)  # (R, C*7*7)
+        for fc in self.fc:
+            x = F.relu(fc(x))
+        return x
+
+
+class BoxPredictor(nn.Module):
+    """Tensor[R, fc_dim] -> class logits Tensor[R, K+1], class-specific deltas Tensor[R, B*4] (B = K+1 with the
+    background first, K with it last)."""
+
+    def __init__(self, cfg: RoIHeadsConfig):
+        super().__init__()
+        K = cfg.num_classes
+        self.cls_score = nn.Linear(cfg.fc_dim, K + 1)
+        self.bbox_pred = nn.Linear(cfg.fc_dim, (K + 1 if cfg.background == "first" else K) * 4)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class MaskHead(nn.Module):
+    """Pooled Tensor[K, C, 14, 14] -> mask logits Tensor[K, M, 28, 28] (M = K+1 or K classes)."""
+
+    def __init__(self, cfg: RoIHeadsConfig):
+        super().__init__()
+        C, D = cfg.channels, cfg.mask_channels
+        self.conv = nn.ModuleList(conv_norm_relu(C if i == 0 else D, D, cfg.norm, cfg.norm_eps)
+                                  for i in range(cfg.mask_convs))
+        self.deconv = nn.ConvTranspose2d(D, D, 2, stride=2)
+        self.predictor = nn.Conv2d(D, cfg.num_classes + (cfg.background == "first"), 1)
+        for name, p in self.named_parameters():  # torchvision's MaskRCNNHeads / MaskRCNNPredictor init
+            if name.endswith("weight") and p.dim() == 4:
+                nn.init.kaiming_normal_(p, mode="fan_out", nonlinearity="relu")
+            elif name.startswith("conv") and name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for conv in self.conv:
+            x = conv(x)
+        return self.predictor(F.relu(self.deconv(x)))
+
+
+class RoIHeads(nn.Module):
+    """features {"p2".."p5"}, proposals per image Tensor[P_i, 4], image sizes -> per image {"boxes": Tensor[K, 4],
+    "scores": Tensor[K], "labels": Tensor[K] int64, "mask_probs": Tensor[K, 1, 28, 28]} at the network's input
+    scale, by decreasing score."""
+
+    def __init__(self, cfg: RoIHeadsConfig = RoIHeadsConfig()):
+        super().__init__()
+        if cfg.background not in ("first", "last"):
+            raise ValueError(f"background must be 'first' or 'last', got {cfg.background!r}")
+        if cfg.flavour not in ("torchvision", "detectron2"):
+            raise ValueError(f"flavour must be 'torchvision' or 'detectron2', got {cfg.flavour!r}")
+        self.cfg = cfg
+        scales = None if cfg.scales is None else list(cfg.scales)
+        pool = dict(aligned=cfg.aligned, level_rule=cfg.level_rule, scales=scales)
+        self.box_pooler = MultiScaleRoIAlign(7, cfg.sampling_ratio, **pool)
+        self.mask_pooler = MultiScaleRoIAlign(14, cfg.sampling_ratio, **pool)
+        self.box_head = BoxHead(cfg)
+        self.box_predictor = BoxPredictor(cfg)
+        self.mask_head = MaskHead(cfg)
+        coder = BoxCoder if cfg.flavour == "torchvision" else Box2BoxTransform
+        self.box_coder = coder(cfg.bbox_reg_weights)
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
+                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        feats = [features[k] for k in self.cfg.in_features]
+        counts = [len(p) for p in proposals]
+        # 1. box head on every proposal, then per image selection
+        x = self.box_head(self.box_pooler(feats, proposals, image_sizes))          # (R, fc_dim)
+        class_logits, box_deltas = self.box_predictor(x)
+        boxes = self.decode(box_deltas, torch.cat(proposals))                       # (R, B*4)
+        probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
+        detections = [self.select(b, p, size) for b, p, size in
+                      zip(boxes.split(counts), probs.split(counts), image_sizes)]
+        # 2. mask head at the detected boxes; keep the channel of each box's class
+        mask_logits = self.mask_head(self.mask_pooler(feats, [d["boxes"] for d in detections], image_sizes))
+        labels = torch.cat([d["labels"] for d in detections])
+        index = torch.arange(len(labels), device=labels.device)
+        mask_probs = mask_logits.sigmoid()[index, labels][:, None]                 # (K, 1, 28, 28)
+        for d, m in zip(detections, mask_probs.split([len(d["labels"]) for d in detections])):
+            d["mask_probs"] = m
+        return detections
+
+    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        if isinstance(self.box_coder, BoxCoder):
+            return self.box_coder.decode(deltas, boxes)
+        return self.box_coder.apply_deltas(deltas, boxes)
+
+    def select(self, boxes: Tensor, probs: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+        """One image: boxes Tensor[R, B*4], class probabilities Tensor[R, K+1] -> kept detections."""
+        cfg = self.cfg
+        if cfg.drop_nonfinite:
+            ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
+            boxes, probs = boxes[ok], probs[ok]
+        R = boxes.shape[0]
+        boxes = clip_boxes_to_image(boxes.reshape(R, -1, 4), size)                   # (R, B, 4)
+        labels = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
+        if cfg.background == "first":
+            boxes, scores, labels = boxes[:, 1:], probs[:, 1:], labels[:, 1:]       # labels 1..K
+        else:
+            scores, labels = probs[:, :-1], labels[:, :-1]                          # labels 0..K-1
+        # every (proposal, class) pair is a candidate, proposal-major as in both originals
+        boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
+        keep = scores > cfg.score_thresh
+        if cfg.min_size is not None:
+            keep &= ((boxes[:, 2] - boxes[:, 0]) >= cfg.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= cfg.min_size)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

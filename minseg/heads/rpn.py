@@ -1,0 +1,155 @@
+"""Region Proposal Network (Ren et al. 2015) on an FPN: objectness and box deltas for A anchors per location.
+
+    per level p2..p6: 3x3 conv(s) + ReLU -> 1x1 objectness Tensor[N, A, H, W], 1x1 deltas Tensor[N, A*4, H, W]
+    decode deltas at the anchors -> per level keep the top pre_nms_top_n by objectness
+    per image: clip to the image, drop small boxes, (score threshold), NMS within each level, keep post_nms_top_n
+
+One implementation for both originals at inference; `RPNConfig` holds what they do differently:
+  torchvision (models/detection/rpn.py, RegionProposalNetwork.filter_proposals): rounded anchors with strides
+    from the padded size, BoxCoder decode of all levels at once, scores are sigmoid probabilities, boxes kept
+    when both sides >= 1e-3, then scores >= 0.0.
+  detectron2 (proposal_generator/rpn.py + proposal_utils.py find_top_rpn_proposals): exact anchors at nominal
+    strides, Box2BoxTransform decode per level, scores stay logits, non-finite boxes dropped, boxes kept when
+    both sides > 0, no score threshold.
+Both then run NMS per level (batched_nms with the level as the class) and keep the first post_nms_top_n, which
+are already sorted by score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minseg.ops.anchors import AnchorGenerator, DefaultAnchorGenerator
+from minseg.ops.box_coders import BoxCoder, Box2BoxTransform
+from minseg.ops.boxes import batched_nms, clip_boxes_to_image
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6")
+    channels: int = 256
+    conv_depth: int = 1                       # 3x3 conv + ReLU layers before the 1x1s (torchvision v2: 2)
+    anchor_sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)   # height / width
+    flavour: str = "torchvision"              # anchors + box coder + decode layout: "torchvision" | "detectron2"
+    pre_nms_top_n_test: int = 1000            # per level
+    post_nms_top_n_test: int = 1000           # per image
+    pre_nms_top_n_train: int = 2000
+    post_nms_top_n_train: int = 2000
+    nms_thresh: float = 0.7
+    objectness: str = "sigmoid"               # scores returned and thresholded: "sigmoid" (torchvision) | "logits"
+    score_thresh: float | None = 0.0          # keep scores >= this (torchvision); None: no threshold
+    min_size: float = 1e-3                    # keep boxes whose sides pass this size test
+    min_size_strict: bool = False             # False: sides >= min_size (torchvision); True: > (detectron2, 0.0)
+    drop_nonfinite: bool = False              # drop boxes or scores that are inf/NaN first (detectron2)
+
+
+class RPN(nn.Module):
+    """features {"p2": Tensor[N, C, H2, W2], ...} -> per image {"boxes": Tensor[P, 4] xyxy, "scores": Tensor[P]},
+    P <= post_nms_top_n, by decreasing score."""
+
+    def __init__(self, cfg: RPNConfig = RPNConfig()):
+        super().__init__()
+        if cfg.flavour not in ("torchvision", "detectron2"):
+            raise ValueError(f"flavour must be 'torchvision' or 'detectron2', got {cfg.flavour!r}")
+        if cfg.objectness not in ("sigmoid", "logits"):
+            raise ValueError(f"objectness must be 'sigmoid' or 'logits', got {cfg.objectness!r}")
+        self.cfg = cfg
+        A = len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0])
+        C = cfg.channels
+        self.conv = nn.ModuleList(nn.Conv2d(C, C, 3, padding=1) for _ in range(cfg.conv_depth))
+        self.cls_logits = nn.Conv2d(C, A, 1)
+        self.bbox_pred = nn.Conv2d(C, A * 4, 1)
+        for m in self.modules():  # both originals: normal(std=0.01), zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        if cfg.flavour == "torchvision":
+            self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,))
+            self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        else:
+            self.anchor_generator = DefaultAnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,))
+            self.box_coder = Box2BoxTransform((1.0, 1.0, 1.0, 1.0))
+
+    def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Per level: objectness logits Tensor[N, H*W*A] and deltas Tensor[N, H*W*A, 4], location-major."""
+        logits, deltas = [], []
+        for f in feats:
+            N = f.shape[0]
+            t = f
+            for conv in self.conv:
+                t = F.relu(conv(t))
+            lg, dl = self.cls_logits(t), self.bbox_pred(t)
+            _, A, H, W = lg.shape
+            logits.append(lg.permute(0, 2, 3, 1).reshape(N, -1))                        # (N, H*W*A)
+            deltas.append(dl.view(N, A, 4, H, W).permute(0, 3, 4, 1, 2).reshape(N, -1, 4))  # (N, H*W*A, 4)
+        return logits, deltas
+
+    def decode(self, deltas: list[Tensor], anchors: list[Tensor]) -> Tensor:
+        """Per-level deltas and anchors -> proposals Tensor[N, sum H*W*A, 4]."""
+        N = deltas[0].shape[0]
+        if self.cfg.flavour == "torchvision":
+            # kept: one decode over every image and level, as torchvision's BoxCoder.decode does
+            codes = torch.cat(deltas, dim=1).reshape(-1, 4)                             # (N*R, 4)
+            boxes = torch.cat(anchors).repeat(N, 1)                                    # (N*R, 4)
+            return self.box_coder.decode(codes, boxes).view(N, -1, 4)
+        out = [self.box_coder.apply_deltas(d.reshape(-1, 4), a.expand(N, -1, -1).reshape(-1, 4)).view(N, -1, 4)
+               for d, a in zip(deltas, anchors)]  # detectron2 decodes level by level
+        return torch.cat(out, dim=1)
+
+    def anchors(self, feats: list[Tensor], padded_size: tuple[int, int]) -> list[Tensor]:
+        """Per level Tensor[H*W*A, 4], the same for every image."""
+        if self.cfg.flavour == "detectron2":
+            return self.anchor_generator(feats)
+        counts = [f.shape[-2] * f.shape[-1] for f in feats]
+        per_location = self.anchor_generator.num_anchors_per_location()
+        return list(self.anchor_generator(padded_size, feats).split([c * a for c, a in zip(counts, per_location)]))
+
+    def forward(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                padded_size: tuple[int, int]) -> list[dict[str, Tensor]]:
+        """features: the FPN levels of a padded batch Tensor[N, 3, *padded_size]; image_sizes: each image's
+        unpadded (height, width)."""
+        cfg = self.cfg
+        feats = [features[k] for k in cfg.in_features]
+        N = feats[0].shape[0]
+        logits, deltas = self.head(feats)
+        proposals = self.decode([d.detach() for d in deltas], self.anchors(feats, padded_size))  # (N, R, 4)
+        # 1. top pre_nms_top_n per level, by logit
+        pre_nms_top_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test
+        top_idx, levels, start = [], [], 0
+        for i, lg in enumerate(logits):
+            k = min(pre_nms_top_n, lg.shape[1])
+            top_idx.append(lg.detach().topk(k, dim=1)[1] + start)
+            levels.append(torch.full((k,), i, dtype=torch.int64, device=lg.device))
+            start += lg.shape[1]
+        top_idx, levels = torch.cat(top_idx, dim=1), torch.cat(levels)              # (N, K), (K,)
+        batch = torch.arange(N, device=top_idx.device)[:, None]
+        scores = torch.cat(logits, dim=1).detach()[batch, top_idx]                  # (N, K)
+        if cfg.objectness == "sigmoid":
+            scores = scores.sigmoid()
+        boxes = proposals[batch, top_idx]                                           # (N, K, 4)
+        # 2. per image: filter, NMS within each level, best post_nms_top_n
+        post_nms_top_n = cfg.post_nms_top_n_train if self.training else cfg.post_nms_top_n_test
+        return [self.select(b, s, levels, size, post_nms_top_n) for b, s, size in zip(boxes, scores, image_sizes)]
+
+    def select(self, boxes: Tensor, scores: Tensor, levels: Tensor, size: tuple[int, int],
+               post_nms_top_n: int) -> dict[str, Tensor]:
+        """One image's candidates Tensor[K, 4], Tensor[K], levels Tensor[K] -> kept proposals."""
+        cfg = self.cfg
+        if cfg.drop_nonfinite:
+            ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+            boxes, scores, levels = boxes[ok], scores[ok], levels[ok]
+        boxes = clip_boxes_to_image(boxes, size)
+        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        if cfg.min_size_strict:
+            keep = (ws > cfg.min_size) & (hs > cfg.min_size)
+        else:
+            keep = (ws >= cfg.min_size) & (hs >= cfg.min_size)
+        if cfg.score_thresh is not None:
+            keep &= scores >= cfg.score_thresh  # kept: >=, torchvision's "backwards compatibility"
+        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        keep = batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_nms_top_n]
+        return {"boxes": boxes[keep], "scores": scores[keep]}
