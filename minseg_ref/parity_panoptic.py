@@ -124,7 +124,7 @@ def stage_pairs(model, fx: dict[str, torch.Tensor], case: str) -> dict[str, tupl
     for level in LEVELS if f"{case}.features.p2" in fx else ():  # the predictor case records no features
         pairs[f"{case}.features.{level}"] = (cap["features"][level], fx[f"{case}.features.{level}"])
     (proposals,) = cap["proposals"]
-    boxes, logits = match_proposals(proposals["boxes"], proposals["logits"],
+    boxes, logits = match_proposals(proposals["boxes"], proposals["scores"],
                                     fx[f"{case}.proposals.boxes"], fx[f"{case}.proposals.objectness_logits"])
     pairs[f"{case}.proposals.boxes"] = (boxes, fx[f"{case}.proposals.boxes"])
     pairs[f"{case}.proposals.objectness_logits"] = (logits, fx[f"{case}.proposals.objectness_logits"])

@@ -158,20 +158,21 @@ SEMANTIC: list[Rule] = [
 ]
 
 NECK_AND_HEADS: list[Rule] = [
-    # FPN: detectron2 names the convs by level (2..5) on the backbone; minseg indexes them 0..3 on `fpn`
-    *[(rf"backbone\.fpn_lateral{k}\.(weight|bias)", rf"fpn.lateral.{k - 2}.\1") for k in (2, 3, 4, 5)],
-    *[(rf"backbone\.fpn_output{k}\.(weight|bias)", rf"fpn.output.{k - 2}.\1") for k in (2, 3, 4, 5)],
-    # RPN head
-    (r"proposal_generator\.rpn_head\.conv\.(weight|bias)", r"rpn.conv.\1"),
+    # FPN: detectron2 names the convs by level (2..5) on the backbone; minseg's shared FPN indexes them 0..3,
+    # each a Sequential(conv[, norm])
+    *[(rf"backbone\.fpn_lateral{k}\.(weight|bias)", rf"fpn.lateral.{k - 2}.0.\1") for k in (2, 3, 4, 5)],
+    *[(rf"backbone\.fpn_output{k}\.(weight|bias)", rf"fpn.output.{k - 2}.0.\1") for k in (2, 3, 4, 5)],
+    # RPN head (one shared 3x3 conv)
+    (r"proposal_generator\.rpn_head\.conv\.(weight|bias)", r"rpn.conv.0.\1"),
     (r"proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)", r"rpn.cls_logits.\1"),
     (r"proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)", r"rpn.bbox_pred.\1"),
-    # box head (2 fc) and predictor (background is the last row of cls_score: no reordering)
-    (r"roi_heads\.box_head\.(fc[12])\.(weight|bias)", r"roi_heads.\1.\2"),
-    (r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)", r"roi_heads.\1.\2"),
-    # mask head: mask_fcn1..4 -> mask_fcn.0..3
-    *[(rf"roi_heads\.mask_head\.mask_fcn{k}\.(weight|bias)", rf"roi_heads.mask_fcn.{k - 1}.\1") for k in (1, 2, 3, 4)],
-    (r"roi_heads\.mask_head\.deconv\.(weight|bias)", r"roi_heads.deconv.\1"),
-    (r"roi_heads\.mask_head\.predictor\.(weight|bias)", r"roi_heads.mask_predictor.\1"),
+    # box head fc1/fc2 and predictor (background is the last row of cls_score: no reordering)
+    *[(rf"roi_heads\.box_head\.fc{k}\.(weight|bias)", rf"roi_heads.box_head.fc.{k - 1}.\1") for k in (1, 2)],
+    (r"roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)", r"roi_heads.box_predictor.\1.\2"),
+    # mask head: mask_fcn1..4 -> conv.0..3 (Sequential(conv, ReLU)), deconv, 1x1 predictor with 80 channels
+    *[(rf"roi_heads\.mask_head\.mask_fcn{k}\.(weight|bias)", rf"roi_heads.mask_head.conv.{k - 1}.0.\1")
+      for k in (1, 2, 3, 4)],
+    (r"roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)", r"roi_heads.mask_head.\1.\2"),
 ]
 
 DROPS: list[Drop] = [

@@ -22,8 +22,10 @@ from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet_config
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
+from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
+from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
-from minseg.models.panoptic_parts import build_fpn, build_rpn, build_roi_heads
+from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.masks import paste_masks_detectron2
 
 
@@ -46,8 +48,8 @@ class PanopticFPN(nn.Module):
     "scores" Tensor[K], "labels" Tensor[K] (0..79), "masks" Tensor[K, height, width] bool}, "sem_seg"
     Tensor[54, height, width], "panoptic_seg" Tensor[height, width] int32, "segments_info" list[dict]}."""
 
-    def __init__(self, cfg: PanopticFPNConfig, backbone: ResNet, fpn: nn.Module, rpn: nn.Module,
-                 roi_heads: nn.Module, sem_seg_head: SemSegFPNHead):
+    def __init__(self, cfg: PanopticFPNConfig, backbone: ResNet, fpn: FPN, rpn: RPN, roi_heads: RoIHeads,
+                 sem_seg_head: SemSegFPNHead):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
@@ -85,8 +87,8 @@ class PanopticFPN(nn.Module):
         # 2. semantic logits at the padded size
         sem_seg = self.sem_seg_head([features[k] for k in ("p2", "p3", "p4", "p5")])  # (N, 54, Hp, Wp)
         # 3. proposals, then detections with 28x28 mask probabilities, at the network's input scale
-        proposals = self.rpn(features, sizes)
-        detections = self.roi_heads(features, proposals, sizes)
+        proposals = self.rpn(features, sizes, tuple(images.shape[-2:]))  # per image {"boxes", "scores" (logits)}
+        detections = self.roi_heads(features, [p["boxes"] for p in proposals], sizes)
         # 4. per image: back to the requested size, then fusion
         results = []
         for item, size, sem, det in zip(batch, sizes, sem_seg, detections):
@@ -158,10 +160,26 @@ def detector_postprocess(det: dict[str, torch.Tensor], size: tuple[int, int], he
     return {"boxes": boxes, "scores": det["scores"][keep], "labels": det["labels"][keep], "masks": masks}
 
 
+# The shared Mask R-CNN modules, set to what detectron2's Base-RCNN-FPN.yaml does (spec section 12)
+DETECTRON2_FPN = FPNConfig(upsample="scale2")                  # interpolate(scale_factor=2), LastLevelMaxPool p6
+DETECTRON2_RPN = RPNConfig(flavour="detectron2",               # exact anchors at strides 4..64, Box2BoxTransform
+                           objectness="logits", score_thresh=None,   # NMS on raw logits, no score threshold
+                           min_size=0.0, min_size_strict=True,       # keep boxes with w > 0 and h > 0
+                           drop_nonfinite=True)
+
+
+def detectron2_roi_heads(num_classes: int) -> RoIHeadsConfig:
+    return RoIHeadsConfig(num_classes=num_classes, background="last", flavour="detectron2",
+                          level_rule="detectron2", aligned=True, sampling_ratio=0,   # ROIAlignV2, adaptive
+                          scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32),
+                          min_size=None, drop_nonfinite=True)                      # no small-box removal
+
+
 def panoptic_fpn(depth: int, num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
     cfg = PanopticFPNConfig(depth=depth, num_classes=num_classes, num_sem_seg_classes=num_sem_seg_classes)
     backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5))
-    return PanopticFPN(cfg, backbone, build_fpn(), build_rpn(), build_roi_heads(num_classes),
+    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), RPN(DETECTRON2_RPN),
+                       RoIHeads(detectron2_roi_heads(num_classes)),
                        SemSegFPNHead(SemSegFPNConfig(num_classes=num_sem_seg_classes)))
 
 
