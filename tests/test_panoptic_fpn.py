@@ -86,6 +86,14 @@ def test_fixture_bitwise_with_recorded_kernels():
     assert not ref.failures(rows, bitwise=True), [r for r in rows if not r[1]]
 
 
+def test_proposal_matching_only_forgives_near_tie_swaps():
+    rec = torch.tensor([[0, 0, 10, 10], [1, 1, 5, 5], [2, 2, 8, 8]], dtype=torch.float32)
+    swapped, _ = ref.match_proposals(rec[[1, 0, 2]], torch.tensor([3.0, 3.00001, 1.0]), rec, torch.tensor([3.0, 2, 1]))
+    assert torch.equal(swapped, rec)
+    kept, _ = ref.match_proposals(rec[[0, 2, 1]], torch.tensor([3.0, 2.0, 1.0]), rec, torch.tensor([3.0, 2, 1]))
+    assert torch.equal(kept, rec[[0, 2, 1]])
+
+
 def test_segments_info_matches_recorded_dicts(model, recorded):
     """The segments_info dicts themselves (keys, types, values) as detectron2 returned them (meta.json)."""
     fx, meta, _ = recorded
@@ -296,3 +304,12 @@ def test_cuda_matches_cpu(model):
     gpu = {"instances": {k: v.cpu() for k, v in gpu["instances"].items()}, "sem_seg": gpu["sem_seg"].cpu(),
            "panoptic_seg": gpu["panoptic_seg"].cpu()}
     assert_same_output(gpu, cpu)
+
+
+@cuda
+def test_cuda_float16_autocast_runs(model):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        (out,) = model.cuda()([{"image": small_images()[0].cuda(), "height": 35, "width": 48}])
+    model.cpu()
+    assert out["panoptic_seg"].shape == (35, 48) and out["panoptic_seg"].dtype == torch.int32
+    assert out["instances"]["masks"].dtype == torch.bool and out["instances"]["masks"].is_cuda
