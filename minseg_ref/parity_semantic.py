@@ -37,9 +37,8 @@ def check(name: str) -> ParityRow:
     tally = Tally()
     g = torch.Generator().manual_seed(0)
     compare(ref, ours, torch.randn(2, 3, 333, 517, generator=g), tally)
-    compare(ref, ours, torch.randn(1, 3, 520, 520, generator=g), tally)
     return ParityRow(name, f"torchvision {name}", tally.max_abs, tally.max_rel, tally.max_rel <= TOLERANCE,
-                     "aux on; 2x333x517 + 520x520")
+                     "aux on; batch 2 at 333x517")
 
 
 CHECKS = {name: (f"torchvision.models.segmentation.{name}", lambda name=name: check(name)) for name in NAMES}
