@@ -1,0 +1,95 @@
+"""Parity of Mask R-CNN v1/v2 against torchvision.models.detection, from torchvision's own seeded random init.
+
+A random detector keeps nothing above box_score_thresh (its softmax is nearly uniform over 91 classes), so a few
+classes get a large classifier bias ("peaky"): then the full pipeline (RPN, box selection, NMS per class, masks)
+keeps the maximum of 100 detections per image and every stage is exercised. Everything up to RoIAlign is bitwise
+equal; minseg's RoIAlign sums the samples of a bin in another order (ops/roi_align.py), so pooled features, and
+from them boxes, scores and mask probabilities, agree to float32 rounding, and a mask pixel whose probability is
+within rounding of 0.5 may threshold the other way.
+"""
+from __future__ import annotations
+
+import torch
+
+import minseg
+from minseg_ref.common import ParityRow, Tally
+
+NAMES = ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
+TOLERANCE = 1e-5    # max abs diff of boxes and scores relative to their scale (float32 rounding level)
+MASK_TOLERANCE = 1e-3  # max abs diff of pasted mask probabilities (0..1)
+BAND = 1e-3         # thresholded masks may differ only where the reference probability is within BAND of 0.5
+PEAKY = {1: 6.0, 3: 5.0, 18: 5.5, 62: 4.5}  # class -> classifier bias added (person, car, dog, chair)
+
+
+def build_pair(name: str, seed: int = 0, peaky: bool = True, **options):
+    """(torchvision model with its seeded random init, minseg model converted from its state dict), both eval.
+    `options` are MaskRCNN keyword arguments given to both (min_size, box_score_thresh, ...)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    ref = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, **options).eval()
+    if peaky:
+        with torch.no_grad():
+            for cls, bias in PEAKY.items():
+                ref.roi_heads.box_predictor.cls_score.bias[cls] += bias
+    state = minseg.convert("torchvision", ref.state_dict(), arch=name)
+    ours = minseg.create_model(name, norm="bn", norm_eps=1e-5, **options)  # random torchvision init: plain BN
+    ours.load_state_dict(state, strict=True)
+    return ref, ours.eval()
+
+
+def images(sizes, seed: int = 0) -> list[torch.Tensor]:
+    """Smooth random images in 0..1 (upsampled noise: edges and blobs rather than white noise)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in sizes:
+        coarse = torch.rand(1, 3, max(h // 16, 2), max(w // 16, 2), generator=g)
+        fine = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+        out.append((0.8 * fine + 0.2 * torch.rand(3, h, w, generator=g)).clamp(0, 1))
+    return out
+
+
+def compare(a: list[dict], b: list[dict]) -> dict:
+    """Compare torchvision's outputs `a` with minseg's `b`. Raises AssertionError on a discrete difference
+    (counts, labels); returns max diffs and mask threshold statistics."""
+    boxes, scores, masks = Tally(), Tally(), Tally()
+    flips = outside_band = detections = 0
+    for x, y in zip(a, b, strict=True):
+        if len(x["labels"]) != len(y["labels"]) or not torch.equal(x["labels"], y["labels"]):
+            raise AssertionError(f"labels differ: {x['labels'].tolist()} vs {y['labels'].tolist()}")
+        if y["labels"].dtype != torch.int64 or y["masks"].shape != x["masks"].shape:
+            raise AssertionError(f"format differs: {y['labels'].dtype}, {tuple(y['masks'].shape)}")
+        detections += len(x["labels"])
+        boxes.add(y["boxes"], x["boxes"])
+        scores.add(y["scores"], x["scores"])
+        masks.add(y["masks"], x["masks"])
+        differ = (x["masks"] > 0.5) != (y["masks"] > 0.5)
+        flips += int(differ.sum())
+        outside_band += int((differ & ((x["masks"] - 0.5).abs() > BAND)).sum())
+    return {"boxes": boxes, "scores": scores, "masks": masks, "flips": flips, "outside_band": outside_band,
+            "detections": detections}
+
+
+def run(name: str, sizes, seed: int = 0, **options) -> dict:
+    ref, ours = build_pair(name, seed=seed, **options)
+    xs = images(sizes, seed)
+    with torch.no_grad():
+        return compare(ref(xs), ours(xs))
+
+
+def passed(r: dict) -> bool:
+    return (r["boxes"].max_rel <= TOLERANCE and r["scores"].max_abs <= TOLERANCE
+            and r["masks"].max_abs <= MASK_TOLERANCE and r["outside_band"] == 0)
+
+
+def check(name: str) -> ParityRow:
+    r = run(name, [(480, 640), (427, 640)])
+    detail = (f"2 images 480x640+427x640, {r['detections']} detections, labels identical; boxes rel "
+              f"{r['boxes'].max_rel:.2g}, scores abs {r['scores'].max_abs:.2g}, masks abs {r['masks'].max_abs:.2g}, "
+              f"{r['flips']} mask pixels thresholded differently (all within {BAND} of 0.5: {r['outside_band'] == 0})")
+    max_abs = max(r["boxes"].max_abs, r["scores"].max_abs, r["masks"].max_abs)
+    max_rel = max(r["boxes"].max_rel, r["scores"].max_rel, r["masks"].max_rel)
+    return ParityRow(name, f"torchvision {name}", max_abs, max_rel, passed(r), detail)
+
+
+CHECKS = {name: (f"torchvision.models.detection.{name}", lambda name=name: check(name)) for name in NAMES}

@@ -1,0 +1,172 @@
+"""Mask R-CNN v1/v2 against torchvision's own models (seeded random init, peaky classifier bias): identical kept
+sets and labels, boxes and scores at float32 rounding, masks equal after thresholding at 0.5 except pixels within
+rounding of 0.5 (RoIAlign's summation order: see minseg_ref/parity_maskrcnn.py), close as probabilities.
+Plus empty results, a single image, tiny images, the official checkpoints' layout and norms, autocast, CUDA."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import minseg
+from minseg.errors import CheckpointError
+from minseg_ref.parity_maskrcnn import BAND, MASK_TOLERANCE, TOLERANCE, build_pair, compare, images
+
+torchvision = pytest.importorskip("torchvision")
+NAMES = ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
+SMALL = dict(min_size=320, max_size=533)
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def pair(request):
+    ref, ours = build_pair(request.param, seed=0, **SMALL)
+    return request.param, ref, ours
+
+
+def run_both(ref, ours, xs):
+    with torch.no_grad():
+        return ref(xs), ours(xs)
+
+
+def assert_parity(r: dict, min_detections: int = 1) -> None:
+    assert r["detections"] >= min_detections
+    assert r["boxes"].max_rel <= TOLERANCE, r["boxes"].max_rel
+    assert r["scores"].max_abs <= TOLERANCE, r["scores"].max_abs
+    assert r["masks"].max_abs <= MASK_TOLERANCE, r["masks"].max_abs
+    assert r["outside_band"] == 0, f"{r['outside_band']} mask pixels differ farther than {BAND} from 0.5"
+
+
+def test_batch_of_two_sizes(pair):
+    name, ref, ours = pair
+    a, b = run_both(ref, ours, images([(240, 320), (200, 300)], seed=1))
+    r = compare(a, b)
+    assert_parity(r, min_detections=100)  # peaky bias: dozens of detections per image survive
+    assert all(d["masks"].shape[-2:] == s for d, s in zip(b, [(240, 320), (200, 300)]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size(name):
+    """The default transform (shorter side 800) on a COCO-sized batch."""
+    ref, ours = build_pair(name, seed=2)
+    r = compare(*run_both(ref, ours, images([(480, 640), (427, 640)], seed=2)))
+    assert_parity(r, min_detections=100)
+
+
+def test_single_image_and_tiny_images(pair):
+    name, ref, ours = pair
+    r = compare(*run_both(ref, ours, images([(150, 97)], seed=3)))
+    assert_parity(r, min_detections=1)
+    # images that stay smaller than 32 px after the resize: one padded 32x32 batch
+    saved = ref.transform.min_size, ref.transform.max_size, ours.transform
+    try:
+        ref.transform.min_size, ref.transform.max_size = (16,), 30
+        ours.transform = replace(ours.transform, min_size=16, max_size=30)
+        a, b = run_both(ref, ours, images([(20, 25), (13, 9)], seed=4))
+        compare(a, b)
+        assert [d["masks"].shape[-2:] for d in b] == [(20, 25), (13, 9)]
+    finally:
+        ref.transform.min_size, ref.transform.max_size, ours.transform = saved
+
+
+def test_empty_results(pair):
+    name, ref, ours = pair
+    saved = ref.roi_heads.score_thresh, ours.roi_heads.cfg
+    try:
+        ref.roi_heads.score_thresh = 0.9999
+        ours.roi_heads.cfg = replace(ours.roi_heads.cfg, score_thresh=0.9999)
+        a, b = run_both(ref, ours, images([(64, 80), (50, 40)], seed=5))
+    finally:
+        ref.roi_heads.score_thresh, ours.roi_heads.cfg = saved
+    for x, y, (h, w) in zip(a, b, [(64, 80), (50, 40)]):
+        assert len(x["labels"]) == 0 and len(y["labels"]) == 0
+        assert y["boxes"].shape == (0, 4) and y["scores"].shape == (0,) and y["labels"].dtype == torch.int64
+        assert y["masks"].shape == (0, 1, h, w)
+
+
+def test_official_v1_layout_and_frozen_eps0():
+    """The official v1 file: pre-0.13 key names, FrozenBatchNorm2d with eps set to 0 after loading. A torchvision
+    model built that way (random frozen statistics) converts to norm="frozen", norm_eps=0.0 and matches."""
+    from torchvision.models import resnet50
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.models.detection.mask_rcnn import MaskRCNN
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(7)
+    ref = MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=91, min_size=160,
+                   max_size=267).eval()
+    g = torch.Generator().manual_seed(7)
+    for m in ref.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = 0.0  # torchvision's overwrite_eps(model, 0.0) for COCO_V1
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+    with torch.no_grad():
+        ref.roi_heads.box_predictor.cls_score.bias[1] += 6.0
+    state = ref.state_dict()
+    legacy = {}
+    for k, v in state.items():  # the names of maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
+        k = k.replace("rpn.head.conv.0.0.", "rpn.head.conv.")
+        for i in range(4):
+            k = k.replace(f"mask_head.{i}.0.", f"mask_head.mask_fcn{i + 1}.")
+            k = k.replace(f"inner_blocks.{i}.0.", f"inner_blocks.{i}.").replace(f"layer_blocks.{i}.0.", f"layer_blocks.{i}.")
+        legacy[k] = v
+    assert "rpn.head.conv.weight" in legacy and "roi_heads.mask_head.mask_fcn1.weight" in legacy
+    from minseg.convert.torchvision import convert
+
+    converted, overrides = convert(legacy, "maskrcnn_resnet50_fpn")
+    assert overrides == {"num_classes": 91, "norm": "frozen", "norm_eps": 0.0}
+    assert converted.keys() == minseg.convert("torchvision", state, arch="maskrcnn_resnet50_fpn").keys()
+    ours = minseg.create_model("maskrcnn_resnet50_fpn", min_size=160, max_size=267)  # defaults: frozen, eps 0
+    ours.load_state_dict(converted, strict=True)
+    assert_parity(compare(*run_both(ref, ours, images([(120, 160), (100, 90)], seed=7))))
+
+
+def test_converter_refuses_foreign_keys():
+    ref, _ = build_pair("maskrcnn_resnet50_fpn", seed=0, peaky=False, min_size=160)
+    state = dict(ref.state_dict())
+    state["roi_heads.keypoint_head.0.weight"] = torch.zeros(1)
+    with pytest.raises(CheckpointError, match="keypoint_head"):
+        minseg.convert("torchvision", state, arch="maskrcnn_resnet50_fpn")
+    with pytest.raises(CheckpointError):  # a v1 file is not a v2 model
+        minseg.convert("torchvision", ref.state_dict(), arch="maskrcnn_resnet50_fpn_v2")
+
+
+def test_create_model_options():
+    model = minseg.create_model("maskrcnn_resnet50_fpn_v2", num_classes=3, box_detections_per_img=7,
+                                rpn_post_nms_top_n_test=50, min_size=64, max_size=96)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 3
+    assert model.roi_heads.cfg.detections_per_img == 7 and model.rpn.cfg.post_nms_top_n_test == 50
+    with pytest.raises(TypeError, match="box_score_tresh"):
+        minseg.create_model("maskrcnn_resnet50_fpn", box_score_tresh=0.5)
+    with pytest.raises(ValueError):
+        model([torch.zeros(1, 8, 8)])
+    with pytest.raises(TypeError):
+        model([torch.zeros(3, 8, 8, dtype=torch.uint8)])
+
+
+def test_bfloat16_autocast_and_predict(pair):
+    name, _, ours = pair
+    xs = images([(64, 80)], seed=8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ours(xs)[0]
+    assert torch.isfinite(out["boxes"].float()).all() and out["labels"].dtype == torch.int64
+    assert out["masks"].shape[1:] == (1, 64, 80)
+    rgb = (images([(40, 50)], seed=9)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    pred = ours.predict(rgb)
+    assert len(pred) == 1 and pred[0]["masks"].shape[-2:] == (40, 50)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_matches_torchvision_cuda(name):
+    ref, ours = build_pair(name, seed=0, **SMALL)
+    ref, ours = ref.cuda(), ours.cuda()
+    xs = [x.cuda() for x in images([(240, 320), (200, 300)], seed=1)]
+    a, b = run_both(ref, ours, xs)
+    assert_parity(compare([{k: v.cpu() for k, v in d.items()} for d in a], [{k: v.cpu() for k, v in d.items()} for d in b]),
+                  min_detections=100)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        out = ours(xs)
+    assert all(torch.isfinite(d["boxes"].float()).all() for d in out)
