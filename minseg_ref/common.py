@@ -45,6 +45,18 @@ class Tally:
         return d, r
 
 
+def compare(ours: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float, float]:
+    """(bitwise equal, max abs diff, max rel diff); discrete tensors must be equal, shapes always."""
+    if ours.shape != expected.shape:
+        return False, float("inf"), float("inf")
+    ours = ours.detach().cpu()
+    equal = torch.equal(ours.to(expected.dtype), expected)
+    if not expected.is_floating_point():
+        return equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf")
+    d, r = diff(ours, expected)
+    return equal, d, r
+
+
 def parity_dir() -> Path:
     """Folder of the recorded YOLACT / detectron2 fixtures: $MINSEG_PARITY_DIR, else ../shared/parity beside the repo."""
     return Path(os.environ.get("MINSEG_PARITY_DIR", REPO.parent / "shared" / "parity"))

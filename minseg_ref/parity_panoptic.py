@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import minseg
-from minseg_ref.common import ParityRow, Tally, diff, fixture_dir, load_synth
+from minseg_ref.common import ParityRow, Tally, compare, diff, fixture_dir, load_synth
 from minseg_ref.parity_yolact import recorded_kernels_available  # same machine check: AVX2 present
 
 FIXTURE = "panoptic_fpn_R_50"
@@ -163,18 +163,6 @@ def segment_pairs(case: str, out: dict, fx: dict) -> dict:
         "instance_id": torch.tensor([s.get("instance_id", -1) for s in segs], dtype=torch.int64),
     }
     return {f"{case}.segments.{k}": (v, fx[f"{case}.segments.{k}"]) for k, v in fields.items()}
-
-
-def compare(ours: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float, float]:
-    """(bitwise equal, max abs diff, max rel diff); discrete tensors must be equal, shapes always."""
-    if ours.shape != expected.shape:
-        return False, float("inf"), float("inf")
-    ours = ours.detach().cpu()
-    equal = torch.equal(ours.to(expected.dtype), expected)
-    if not expected.is_floating_point():
-        return equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf")
-    d, r = diff(ours, expected)
-    return equal, d, r
 
 
 def run_report() -> list[tuple[str, bool, float, float]]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 import minseg
-from minseg_ref.common import ParityRow, Tally, diff, fixture_dir, load_synth
+from minseg_ref.common import ParityRow, Tally, compare, diff, fixture_dir, load_synth
 
 FIXTURE = "yolact_resnet50"
 ORIGINAL = "dbolya/yolact fixture"
@@ -125,18 +125,6 @@ def detection_pairs(prefix: str, det: dict[str, torch.Tensor], fx: dict) -> dict
             f"{prefix}.class": (det["labels"], fx[f"{prefix}.class"]),
             f"{prefix}.score": (det["scores"], fx[f"{prefix}.score"]),
             f"{prefix}.mask": (det["coeffs"], fx[f"{prefix}.mask"])}
-
-
-def compare(ours: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float, float]:
-    """(bitwise equal, max abs diff, max rel diff); discrete tensors must be equal, shapes always."""
-    if ours.shape != expected.shape:
-        return False, float("inf"), float("inf")
-    ours = ours.detach().cpu()
-    equal = torch.equal(ours.to(expected.dtype), expected)
-    if not expected.is_floating_point():
-        return equal, 0.0 if equal else float("inf"), 0.0 if equal else float("inf")
-    d, r = diff(ours, expected)
-    return equal, d, r
 
 
 def report(pairs: dict) -> list[tuple[str, bool, float, float]]:
