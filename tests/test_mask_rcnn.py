@@ -16,7 +16,7 @@ from minseg_ref.parity_maskrcnn import BAND, MASK_TOLERANCE, TOLERANCE, build_pa
 
 torchvision = pytest.importorskip("torchvision")
 NAMES = ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
-SMALL = dict(min_size=320, max_size=533)
+SMALL = dict(min_size=256, max_size=427, rpn_post_nms_top_n_test=300)  # fewer proposals: lighter heads
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -36,13 +36,14 @@ def assert_parity(r: dict, min_detections: int = 1) -> None:
     assert r["scores"].max_abs <= TOLERANCE, r["scores"].max_abs
     assert r["masks"].max_abs <= MASK_TOLERANCE, r["masks"].max_abs
     assert r["outside_band"] == 0, f"{r['outside_band']} mask pixels differ farther than {BAND} from 0.5"
+    assert r["resampled"] <= max(1, r["detections"] // 50), r["resampled"]  # knife-edge boxes only (compare())
 
 
 def test_batch_of_two_sizes(pair):
     name, ref, ours = pair
     a, b = run_both(ref, ours, images([(240, 320), (200, 300)], seed=1))
     r = compare(a, b)
-    assert_parity(r, min_detections=100)  # peaky bias: dozens of detections per image survive
+    assert_parity(r, min_detections=60)  # peaky bias: dozens of detections per image survive
     assert all(d["masks"].shape[-2:] == s for d, s in zip(b, [(240, 320), (200, 300)]))
 
 
@@ -56,7 +57,7 @@ def test_full_size(name):
 
 def test_single_image_and_tiny_images(pair):
     name, ref, ours = pair
-    r = compare(*run_both(ref, ours, images([(150, 97)], seed=3)))
+    r = compare(*run_both(ref, ours, images([(97, 150)], seed=3)))
     assert_parity(r, min_detections=1)
     # images that stay smaller than 32 px after the resize: one padded 32x32 batch
     saved = ref.transform.min_size, ref.transform.max_size, ours.transform
@@ -71,14 +72,16 @@ def test_single_image_and_tiny_images(pair):
 
 
 def test_empty_results(pair):
+    """Nothing passes the score threshold: empty tensors of the right shapes and dtypes, as torchvision's."""
     name, ref, ours = pair
-    saved = ref.roi_heads.score_thresh, ours.roi_heads.cfg
+    saved = ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh, ours.transform, ours.roi_heads.cfg
     try:
-        ref.roi_heads.score_thresh = 0.9999
+        ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh = (64,), 107, 0.9999
+        ours.transform = replace(ours.transform, min_size=64, max_size=107)
         ours.roi_heads.cfg = replace(ours.roi_heads.cfg, score_thresh=0.9999)
         a, b = run_both(ref, ours, images([(64, 80), (50, 40)], seed=5))
     finally:
-        ref.roi_heads.score_thresh, ours.roi_heads.cfg = saved
+        ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh, ours.transform, ours.roi_heads.cfg = saved
     for x, y, (h, w) in zip(a, b, [(64, 80), (50, 40)]):
         assert len(x["labels"]) == 0 and len(y["labels"]) == 0
         assert y["boxes"].shape == (0, 4) and y["scores"].shape == (0,) and y["labels"].dtype == torch.int64
@@ -146,12 +149,14 @@ def test_create_model_options():
         model([torch.zeros(3, 8, 8, dtype=torch.uint8)])
 
 
-def test_bfloat16_autocast_and_predict(pair):
-    name, _, ours = pair
+def test_bfloat16_autocast_and_predict():
+    ours = minseg.create_model("maskrcnn_resnet50_fpn", min_size=64, max_size=107)
+    with torch.no_grad():
+        ours.roi_heads.box_predictor.cls_score.bias[1] += 8.0
     xs = images([(64, 80)], seed=8)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = ours(xs)[0]
-    assert torch.isfinite(out["boxes"].float()).all() and out["labels"].dtype == torch.int64
+    assert len(out["labels"]) > 0 and torch.isfinite(out["boxes"].float()).all() and out["labels"].dtype == torch.int64
     assert out["masks"].shape[1:] == (1, 64, 80)
     rgb = (images([(40, 50)], seed=9)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
     pred = ours.predict(rgb)
