@@ -1,4 +1,6 @@
-"""RoIAlign and FPN pooling against a float64 scalar-loop reference written here and torchvision.ops."""
+"""RoIAlign and FPN pooling against a float64 scalar-loop reference written here and torchvision.ops.
+
+On CPU, float32 results must be bitwise equal to torchvision's (same samples, weights and float order)."""
 import importlib
 import math
 
@@ -12,6 +14,13 @@ import minseg.ops as mo
 from conftest import cuda
 
 SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def assert_bitwise(ours, theirs):
+    """Same shape, dtype and bits (so +0.0 and -0.0 differ too)."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    bits = torch.int64 if ours.dtype == torch.float64 else torch.int32
+    assert torch.equal(ours.contiguous().view(bits), theirs.contiguous().view(bits)), (ours - theirs).abs().max()
 
 
 def roi_align_reference(x, rois, out_h, out_w, scale, sampling_ratio, aligned):
@@ -91,8 +100,9 @@ def test_roi_align_matches_reference_and_torchvision(problem, sampling_ratio, al
     torch.testing.assert_close(ours64, ref, rtol=0, atol=1e-12)
     ours = mo.roi_align(x, rois, (oh, ow), scale, sampling_ratio, aligned)
     tv = tvo.roi_align(x, rois, (oh, ow), scale, sampling_ratio, aligned)
-    assert ours.shape == tv.shape and ours.dtype == torch.float32
-    torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+    assert ours.dtype == torch.float32
+    assert_bitwise(ours, tv)
+    assert_bitwise(ours64, tvo.roi_align(x.double(), rois.double(), (oh, ow), scale, sampling_ratio, aligned))
 
 
 def test_roi_align_realistic_sizes_and_list_input():
@@ -105,9 +115,9 @@ def test_roi_align_realistic_sizes_and_list_input():
     for P, sr, aligned in ((7, 2, False), (14, 2, False), (7, 0, True), (14, 0, True), ((5, 3), -1, False)):
         ours = mo.roi_align(x, per_image, P, 0.25, sr, aligned)
         tv = tvo.roi_align(x, per_image, P, 0.25, sr, aligned)
-        torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+        assert_bitwise(ours, tv)
     module = mo.RoIAlign((7, 7), 0.25, 2)
-    torch.testing.assert_close(module(x, per_image), tvo.RoIAlign((7, 7), 0.25, 2)(x, per_image), rtol=0, atol=2e-6)
+    assert_bitwise(module(x, per_image), tvo.RoIAlign((7, 7), 0.25, 2)(x, per_image))
 
 
 @pytest.mark.parametrize("sampling_ratio", [2, 0])
@@ -120,8 +130,11 @@ def test_roi_align_in_chunks(monkeypatch, sampling_ratio):
     rois = torch.cat([torch.randint(0, 2, (60, 1), generator=g).float(), xy, xy + torch.rand(60, 2, generator=g) * 90], 1)
     whole = mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True)
     monkeypatch.setattr(ra, "_MAX_ENTRIES", 3000)
-    torch.testing.assert_close(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole, rtol=0, atol=0)
-    torch.testing.assert_close(whole, tvo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), rtol=0, atol=2e-6)
+    assert_bitwise(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole)
+    monkeypatch.setattr(ra, "_MAX_ENTRIES", 1 << 21)
+    monkeypatch.setattr(ra, "_MAX_VALUES", 4 * 25 * 3 * 7)  # runs of 7 RoIs
+    assert_bitwise(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole)
+    assert_bitwise(whole, tvo.roi_align(x, rois, 5, 0.25, sampling_ratio, True))
 
 
 def test_roi_align_empty_and_gradient():
@@ -174,7 +187,7 @@ def test_multiscale_torchvision_rule_matches_torchvision():
     names = ["0", "1", "2", "3"]
     tv = tvo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, [(256, 320), (250, 300)])
     ours = mo.MultiScaleRoIAlign(7, 2)(feats, boxes, [(256, 320), (250, 300)])
-    torch.testing.assert_close(ours, tv, rtol=0, atol=2e-6)
+    assert_bitwise(ours, tv)
 
 
 def test_multiscale_detectron2_rule_matches_per_level_pooling():
@@ -190,7 +203,7 @@ def test_multiscale_detectron2_rule_matches_per_level_pooling():
     for level, (f, s) in enumerate(zip(feats, scales)):
         idx = torch.where(levels == level)[0]
         expected[idx] = tvo.roi_align(f, rois[idx], 14, s, 0, True)
-    torch.testing.assert_close(ours, expected, rtol=0, atol=2e-6)
+    assert_bitwise(ours, expected)
 
 
 @cuda
@@ -216,9 +229,9 @@ def test_multiscale_single_level_channels_last_and_errors():
     boxes = [_fpn_boxes(g, 20, image=(128, 160)), _fpn_boxes(g, 10, image=(128, 160))]
     tv = tvo.MultiScaleRoIAlign(["p"], 5, 2)({"p": feat}, boxes, [(128, 160), (128, 160)])
     pooler = mo.MultiScaleRoIAlign(5, 2)
-    torch.testing.assert_close(pooler([feat], boxes, [(128, 160), (128, 160)]), tv, rtol=0, atol=2e-6)
+    assert_bitwise(pooler([feat], boxes, [(128, 160), (128, 160)]), tv)
     cl = feat.to(memory_format=torch.channels_last)  # already a channels-last table: no copy, same result
-    torch.testing.assert_close(pooler([cl], boxes, [(128, 160), (128, 160)]), tv, rtol=0, atol=2e-6)
+    assert_bitwise(pooler([cl], boxes, [(128, 160), (128, 160)]), tv)
     with pytest.raises(ValueError, match="image_sizes"):
         pooler([feat], boxes)
     with pytest.raises(ValueError, match="level_rule"):

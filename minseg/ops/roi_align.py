@@ -7,23 +7,27 @@ CPU kernel (torchvision/csrc/ops/cpu/roi_align_kernel.cpp and roi_align_common.h
   .5) and 0 otherwise; without `aligned` a RoI is at least 1x1.
 - Each of the P bins per axis holds g samples at start + p * bin + (i + .5) * bin / g, where g is
   `sampling_ratio`, or ceil(roi_size / P) per RoI and per axis when sampling_ratio <= 0 (adaptive).
-- A sample outside [-1, size] contributes 0; one in [-1, 0] reads row 0; one past size - 1 reads the last row.
+- A sample outside [-1, size] (on either axis) has weight 0 and reads pixel (0, 0); one in [-1, 0] reads
+  row 0; one past size - 1 reads the last row.
 - The bin value is the sum over samples divided by max(g_h * g_w, 1).
 
-Every sample is 4 weighted reads of a C-vector, so with features stored channels-last as a table of rows
-`(N*H*W, C)` an output bin is a weighted sum of table rows: exactly `F.embedding_bag(mode="sum",
-per_sample_weights=...)`, one fused multi-threaded kernel over all RoIs (and, for FPN pooling, over all levels
-at once). Sample positions and weights use the kernel's own float32 expressions, so only the order of the final
-sum differs (max |diff| ~1e-6 on unit-scale features). With sampling_ratio > 0 shapes depend only on K, P and
-g: no host-device synchronisation. The adaptive case reads its sample counts to the host (shapes depend on them).
+The float order is the kernel's too, so float32 results are bitwise equal to torchvision's CPU op: a sample's
+value is w1*v1 + w2*v2 + w3*v3 + w4*v4 (each product rounded, summed left to right), and a bin adds its
+samples to a running sum from 0 in (iy, ix) order, then divides by the count. With features stored
+channels-last as a table of rows `(N*H*W, C)`, one step of that sum, for all bins at once, is one row gather
+of the 4 taps, one multiply and four adds over Tensor[bins, C]; we loop over the g_h*g_w sample slots (4 for
+sampling_ratio 2). No reduction kernel is used: those reorder (and embedding_bag's fused multiply-add rounds
+differently). In the adaptive case bins are sorted by sample count, so slot j is a step over a prefix of them
+and no bin adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device
+synchronisation; the adaptive case reads its sample counts to the host (shapes depend on them).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-_MAX_ENTRIES = 1 << 21  # gathered rows per embedding_bag call (bounds the index/weight temporaries)
+_MAX_ENTRIES = 1 << 21  # sample taps indexed per run of RoIs (bounds the index/weight temporaries)
+_MAX_VALUES = 1 << 21  # gathered values per step (bounds the Tensor[4, bins, C] temporaries)
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -39,11 +43,12 @@ def boxes_to_rois(boxes: Tensor | list[Tensor]) -> Tensor:
     return torch.cat([ids, concat], dim=1)
 
 
-def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sample positions along one axis -> (lo, hi) int64 rows and (w_lo, w_hi) weights, 0 where invalid.
+def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sample positions along one axis -> (lo, hi) int64 rows, (w_lo, w_hi) weights (0 where invalid), valid.
 
     pos: float Tensor[...]; size: Tensor broadcastable to pos (the feature size on this axis).
-    roi_align_common.h: invalid outside [-1, size]; clamp below at 0; at or past size - 1 read size - 1 only.
+    roi_align_common.h: invalid outside [-1, size]; clamp below at 0; at or past size - 1 read size - 1 only;
+    w_lo = 1 - frac, w_hi = frac, as the kernel's hy = 1 - ly, ly.
     """
     valid = (pos >= -1.0) & (pos <= size)  # NaN positions are invalid, as in the kernel
     pos = torch.where(valid, pos.clamp(min=0), torch.zeros_like(pos))
@@ -57,7 +62,40 @@ def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     w_lo = torch.where(valid, 1 - frac, torch.zeros_like(frac))
     lo = lo.long()
     hi = torch.where(at_edge, lo, lo + 1)
-    return lo, hi, w_lo, w_hi
+    return lo, hi, w_lo, w_hi, valid
+
+
+def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...], x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """Per-axis taps of samples (broadcast together) -> table rows and weights Tensor[..., 4] in w1..w4 order.
+
+    y, x: `_bilinear_taps` results; base, width: broadcastable int64. (w1, w2, w3, w4) = (hy*hx, hy*lx, ly*hx,
+    ly*lx) at (lo, lo), (lo, hi), (hi, lo), (hi, hi); a sample invalid on either axis reads pixel (0, 0).
+    """
+    ylo, yhi, wylo, wyhi, yvalid = y
+    xlo, xhi, wxlo, wxhi, xvalid = x
+    rows = torch.stack((ylo, ylo, yhi, yhi), dim=-1) * width[..., None] + torch.stack((xlo, xhi, xlo, xhi), dim=-1)
+    idx = base[..., None] + torch.where((yvalid & xvalid)[..., None], rows, torch.zeros_like(rows))  # (..., 4)
+    wts = torch.stack((wylo, wylo, wyhi, wyhi), dim=-1) * torch.stack((wxlo, wxhi, wxlo, wxhi), dim=-1)
+    return idx, wts
+
+
+def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, first: Tensor, active: list[int]) -> Tensor:
+    """Per bin, 0 + sample_0 + sample_1 + ... in that order. Returns Tensor[M, C] (sums, not yet divided).
+
+    idx, wts: Tensor[S, 4] taps of all samples, each bin's samples consecutive in (iy, ix) order; first:
+    Tensor[M] int64 index of each bin's first sample; active[j]: how many leading bins have a sample j.
+    """
+    C = table.shape[1]
+    acc = table.new_zeros((first.numel(), C))
+    for j, m in enumerate(active):
+        s = first[:m] + j
+        v = table.index_select(0, idx[s].t().reshape(-1)).view(4, m, C)  # taps 1..4 of each bin's sample j
+        p = v * wts[s].t()[:, :, None]  # (4, m, C) products, each rounded once
+        val = p[0] + p[1]
+        val += p[2]
+        val += p[3]
+        acc[:m] += val
+    return acc
 
 
 def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, ...]:
@@ -91,20 +129,13 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
                     torch.arange(Ph, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Ph, g)
     px = _positions(x1[:, None, None], bin_w[:, None, None], grid,
                     torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
-    ylo, yhi, wylo, wyhi = _bilinear_taps(py, height.to(dtype)[:, None, None])
-    xlo, xhi, wxlo, wxhi = _bilinear_taps(px, width.to(dtype)[:, None, None])
-    rows = torch.stack((ylo, yhi), dim=-1) * width[:, None, None, None]  # (K, Ph, g, 2)
-    cols = torch.stack((xlo, xhi), dim=-1)  # (K, Pw, g, 2)
-    wy = torch.stack((wylo, wyhi), dim=-1)
-    wx = torch.stack((wxlo, wxhi), dim=-1)
-    # entry order per bin: (iy, ix, y tap, x tap) = the kernel's (w1, w2, w3, w4) per sample
-    idx = (base[:, None, None, None, None, None, None] + rows[:, :, None, :, None, :, None]
-           + cols[:, None, :, None, :, None, :])  # (K, Ph, Pw, g, g, 2, 2)
-    wts = wy[:, :, None, :, None, :, None] * wx[:, None, :, None, :, None, :]  # (K, Ph, Pw, g, g, 2, 2)
-    L = 4 * g * g
-    out = F.embedding_bag(idx.reshape(K * Ph * Pw, L), table, per_sample_weights=wts.reshape(K * Ph * Pw, L),
-                          mode="sum")  # (K*Ph*Pw, C)
-    return out / max(g * g, 1)
+    ty = [t[:, :, None, :, None] for t in _bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
+    tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
+    idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
+    M, G = K * Ph * Pw, g * g  # samples in (k, ph, pw, iy, ix) order
+    first = torch.arange(M, device=device) * G
+    out = _sum_samples(table, idx.reshape(M * G, 4), wts.reshape(M * G, 4), first, [M] * G)
+    return out / max(G, 1)
 
 
 def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -123,18 +154,20 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     y1, x1, bin_h, bin_w, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
     gh = torch.ceil(roi_h / Ph).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
     gw = torch.ceil(roi_w / Pw).long().clamp(min=0)
-    ny, nx = Ph * gh, Pw * gw  # samples per RoI along y and x
-    Sy, Sx, S = torch.stack((ny.sum(), nx.sum(), (ny * nx).sum())).tolist()  # host read: the shapes below
+    gh_host, gw_host = torch.stack((gh, gw)).tolist()  # host read: the shapes below
+    n_host = [a * b for a, b in zip(gh_host, gw_host)]  # samples per bin of each RoI
+    Sy, Sx, S = Ph * sum(gh_host), Pw * sum(gw_host), Ph * Pw * sum(n_host)
     dtype = y1.dtype
+    ny, nx = Ph * gh, Pw * gw  # samples per RoI along y and x
     # samples along y: entries (k, ph, iy), and along x: (k, pw, ix)
     ky, local = _segment_arange(ny, Sy)
     ph = torch.div(local, gh[ky], rounding_mode="floor")
     py = _positions(y1[ky], bin_h[ky], gh[ky].to(dtype), ph.to(dtype), (local - ph * gh[ky]).to(dtype))
-    ylo, yhi, wylo, wyhi = _bilinear_taps(py, height[ky].to(dtype))
+    ty = _bilinear_taps(py, height[ky].to(dtype))
     kx, local = _segment_arange(nx, Sx)
     pw = torch.div(local, gw[kx], rounding_mode="floor")
     px = _positions(x1[kx], bin_w[kx], gw[kx].to(dtype), pw.to(dtype), (local - pw * gw[kx]).to(dtype))
-    xlo, xhi, wxlo, wxhi = _bilinear_taps(px, width[kx].to(dtype))
+    tx = _bilinear_taps(px, width[kx].to(dtype))
     # every sample (k, ph, pw, iy, ix), in the kernel's order, points into the two lists
     k, local = _segment_arange(ny * nx, S)
     g_h, g_w = gh[k], gw[k]
@@ -145,27 +178,31 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     pw, ph = rest % Pw, torch.div(rest, Pw, rounding_mode="floor")
     yi = (torch.cumsum(ny, 0) - ny)[k] + ph * g_h + iy
     xi = (torch.cumsum(nx, 0) - nx)[k] + pw * g_w + ix
-    rows = torch.stack((ylo[yi], yhi[yi]), dim=-1) * width[k, None]  # (S, 2)
-    cols = torch.stack((xlo[xi], xhi[xi]), dim=-1)  # (S, 2)
-    idx = base[k, None, None] + rows[:, :, None] + cols[:, None, :]  # (S, 2, 2)
-    wts = torch.stack((wylo[yi], wyhi[yi]), dim=-1)[:, :, None] * torch.stack((wxlo[xi], wxhi[xi]), dim=-1)[:, None, :]
-    bag_sizes = (4 * gh * gw)[:, None].expand(K, Ph * Pw).reshape(-1)  # (K*Ph*Pw,)
-    offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
-    out = F.embedding_bag(idx.reshape(-1), table, offsets, per_sample_weights=wts.reshape(-1), mode="sum")
-    count = (gh * gw).clamp(min=1).to(out.dtype)
+    idx, wts = _sample_taps(base[k], width[k], [t[yi] for t in ty], [t[xi] for t in tx])  # (S, 4)
+    # bins sorted by sample count (descending, RoI by RoI): sample slot j is a step over a prefix of them
+    n = gh * gw
+    order = torch.sort(n, descending=True, stable=True).indices
+    bins = (order[:, None] * (Ph * Pw) + torch.arange(Ph * Pw, device=n.device)).reshape(-1)  # (K*Ph*Pw,)
+    first = ((torch.cumsum(n * (Ph * Pw), 0) - n * (Ph * Pw))[:, None] + torch.arange(Ph * Pw, device=n.device) * n[:, None])
+    n_sorted = sorted(n_host, reverse=True)
+    active = [Ph * Pw * sum(1 for c in n_sorted if c > j) for j in range(n_sorted[0] if n_sorted else 0)]
+    sums = _sum_samples(table, idx, wts, first.reshape(-1)[bins], active)
+    out = torch.empty_like(sums).index_copy_(0, bins, sums)  # back to RoI order
+    count = n.clamp(min=1).to(out.dtype)
     return (out.view(K, Ph * Pw, -1) / count[:, None, None]).view(K * Ph * Pw, -1)
 
 
-def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
-    """Split RoIs into runs of at most _MAX_ENTRIES gathered rows (one host read; a second when splitting)."""
+def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool,
+                     max_rois: int) -> list[tuple[int, int]]:
+    """Split RoIs into runs of at most _MAX_ENTRIES sample taps and max_rois RoIs (one host read)."""
     _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
     entries = (4 * P[0] * P[1]) * torch.ceil(roi_h / P[0]).clamp(min=0) * torch.ceil(roi_w / P[1]).clamp(min=0)
     K = rois.shape[0]
-    if float(entries.sum()) <= _MAX_ENTRIES:
+    if K <= max_rois and float(entries.sum()) <= _MAX_ENTRIES:
         return [(0, K)]
     chunks, start, used = [], 0, 0.0
     for k, n in enumerate(entries.tolist()):
-        if k > start and used + n > _MAX_ENTRIES:
+        if k > start and (used + n > _MAX_ENTRIES or k - start >= max_rois):
             chunks.append((start, k))
             start, used = k, 0.0
         used += n
@@ -183,15 +220,15 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     Ph, Pw = P
     if K == 0:
         return table.new_zeros((0, C, Ph, Pw))
+    max_rois = max(1, _MAX_VALUES // (4 * Ph * Pw * C))  # RoIs per run, by the per-step temporaries
     if sampling_ratio > 0:
-        per_roi = Ph * Pw * 4 * sampling_ratio**2
-        step = max(1, _MAX_ENTRIES // per_roi)
+        step = max(1, min(max_rois, _MAX_ENTRIES // (Ph * Pw * 4 * sampling_ratio**2)))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
                          for s in range(0, K, step)])
     else:
         out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned)
-                         for s, e in _adaptive_chunks(rois, scale, P, aligned)])
+                         for s, e in _adaptive_chunks(rois, scale, P, aligned, max_rois)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
