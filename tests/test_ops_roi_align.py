@@ -137,6 +137,18 @@ def test_roi_align_in_chunks(monkeypatch, sampling_ratio):
     assert_bitwise(whole, tvo.roi_align(x, rois, 5, 0.25, sampling_ratio, True))
 
 
+def test_roi_align_non_finite_features_like_torchvision():
+    """An out-of-map sample has weight 0 and reads pixel (0, 0), so inf/NaN there reach the same bins."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, 9, 11, generator=g)
+    x[0, :, 0, 0], x[1, 1, 4, 5], x[1, 2, 8, 10] = float("inf"), float("nan"), -float("inf")
+    rois = torch.tensor([[0, -30.0, -30, -20, -10], [1, 10, 10, 30, 30], [0, 1, 2, 60, 50], [1, -5, 3, 44, 100]])
+    for sr, aligned in ((0, True), (2, False)):
+        ours, tv = mo.roi_align(x, rois, 3, 0.25, sr, aligned), tvo.roi_align(x, rois, 3, 0.25, sr, aligned)
+        assert torch.equal(ours.isnan(), tv.isnan()) and ours.isnan().any()
+        assert_bitwise(torch.nan_to_num(ours), torch.nan_to_num(tv))
+
+
 def test_roi_align_empty_and_gradient():
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     assert mo.roi_align(x, torch.zeros(0, 5, dtype=torch.float64), 3).shape == (0, 2, 3, 3)
