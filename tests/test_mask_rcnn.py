@@ -1,6 +1,6 @@
 """Mask R-CNN v1/v2 against torchvision's own models (seeded random init, peaky classifier bias): identical kept
-sets and labels, boxes and scores at float32 rounding, masks equal after thresholding at 0.5 except pixels within
-rounding of 0.5 (RoIAlign's summation order: see minseg_ref/parity_maskrcnn.py), close as probabilities.
+sets and labels, boxes, scores and 28x28 mask probabilities bitwise on CPU; pasted masks within a few float32 ulps
+(ops/masks.py), so equal after thresholding at 0.5 except pixels within that rounding of 0.5.
 Plus empty results, a single image, tiny images, the official checkpoints' layout and norms, autocast, CUDA."""
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ def run_both(ref, ours, xs):
         return ref(xs), ours(xs)
 
 
-def assert_parity(r: dict, min_detections: int = 1) -> None:
+def assert_parity(r: dict, min_detections: int = 1, bitwise: bool = True) -> None:
     assert r["detections"] >= min_detections
+    if bitwise:  # CPU: the same kernels in the same order as torchvision up to the pasting
+        assert r["boxes"].max_abs == 0 and r["scores"].max_abs == 0, (r["boxes"].max_abs, r["scores"].max_abs)
     assert r["boxes"].max_rel <= TOLERANCE, r["boxes"].max_rel
     assert r["scores"].max_abs <= TOLERANCE, r["scores"].max_abs
     assert r["masks"].max_abs <= MASK_TOLERANCE, r["masks"].max_abs
     assert r["outside_band"] == 0, f"{r['outside_band']} mask pixels differ farther than {BAND} from 0.5"
-    assert r["resampled"] <= max(1, r["detections"] // 50), r["resampled"]  # knife-edge boxes only (compare())
+    assert r["resampled"] == 0, r["resampled"]
 
 
 def test_batch_of_two_sizes(pair):
@@ -170,8 +172,26 @@ def test_cuda_matches_torchvision_cuda(name):
     ref, ours = ref.cuda(), ours.cuda()
     xs = [x.cuda() for x in images([(240, 320), (200, 300)], seed=1)]
     a, b = run_both(ref, ours, xs)
-    assert_parity(compare([{k: v.cpu() for k, v in d.items()} for d in a], [{k: v.cpu() for k, v in d.items()} for d in b]),
-                  min_detections=100)
+    # CUDA kernels fuse multiply-adds their own way: float32 rounding, not bitwise, and a mask may be pasted one
+    # pixel off where its box sits on an integer edge (counted by compare(), not compared)
+    r = compare([{k: v.cpu() for k, v in d.items()} for d in a], [{k: v.cpu() for k, v in d.items()} for d in b])
+    assert r["detections"] >= 60 and r["boxes"].max_rel <= 1e-5 and r["scores"].max_abs <= 1e-5, r
+    assert r["masks"].max_abs <= 1e-3, r["masks"].max_abs
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = ours(xs)
     assert all(torch.isfinite(d["boxes"].float()).all() for d in out)
+
+
+def test_batch_equals_one_at_a_time(pair):
+    """Images that resize to the same padded size: the batch gives each image what it gets alone (torchvision pads
+    a batch to its largest image, so with different sizes the padding, and with it the result, would differ)."""
+    name, _, ours = pair
+    xs = images([(240, 320), (240, 320)], seed=10)
+    with torch.no_grad():
+        batch = ours(xs)
+        alone = [ours([x])[0] for x in xs]
+    for b, a in zip(batch, alone):
+        assert torch.equal(b["labels"], a["labels"]) and len(b["labels"]) > 0
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(b["masks"], a["masks"], rtol=0, atol=1e-3)
