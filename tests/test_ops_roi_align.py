@@ -132,7 +132,7 @@ def test_roi_align_in_chunks(monkeypatch, sampling_ratio):
     monkeypatch.setattr(ra, "_MAX_ENTRIES", 3000)
     assert_bitwise(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole)
     monkeypatch.setattr(ra, "_MAX_ENTRIES", 1 << 21)
-    monkeypatch.setattr(ra, "_MAX_VALUES", 4 * 25 * 3 * 7)  # runs of 7 RoIs
+    monkeypatch.setattr(ra, "_MAX_VALUES", 4 * 3 * 30)  # groups of a few bins
     assert_bitwise(mo.roi_align(x, rois, 5, 0.25, sampling_ratio, True), whole)
     assert_bitwise(whole, tvo.roi_align(x, rois, 5, 0.25, sampling_ratio, True))
 

@@ -23,11 +23,14 @@ synchronisation; the adaptive case reads its sample counts to the host (shapes d
 """
 from __future__ import annotations
 
+import bisect
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-_MAX_ENTRIES = 1 << 21  # sample taps indexed per run of RoIs (bounds the index/weight temporaries)
-_MAX_VALUES = 1 << 21  # gathered values per step (bounds the Tensor[4, bins, C] temporaries)
+_MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
+_MAX_VALUES = 1 << 22  # products per group of bins: taps * C (Tensor[4, S, C], kept within the CPU caches)
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -79,22 +82,26 @@ def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...], x: tuple[Te
     return idx, wts
 
 
-def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, first: Tensor, active: list[int]) -> Tensor:
-    """Per bin, 0 + sample_0 + sample_1 + ... in that order. Returns Tensor[M, C] (sums, not yet divided).
+def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> Tensor:
+    """Per bin, 0 + sample_0 + sample_1 + ... in that order. Returns Tensor[active[0], C] (sums, not divided).
 
-    idx, wts: Tensor[S, 4] taps of all samples, each bin's samples consecutive in (iy, ix) order; first:
-    Tensor[M] int64 index of each bin's first sample; active[j]: how many leading bins have a sample j.
+    idx, wts: Tensor[4, S] taps (w1..w4) of all samples, slot-major: the active[0] bins' sample 0, then the
+    active[1] leading bins' sample 1, ... A product w * v is one rounding (embedding_bag's w * v + 0 with
+    bags of one row), a sample's value adds its 4 products left to right.
     """
     C = table.shape[1]
-    acc = table.new_zeros((first.numel(), C))
-    for j, m in enumerate(active):
-        s = first[:m] + j
-        v = table.index_select(0, idx[s].t().reshape(-1)).view(4, m, C)  # taps 1..4 of each bin's sample j
-        p = v * wts[s].t()[:, :, None]  # (4, m, C) products, each rounded once
-        val = p[0] + p[1]
-        val += p[2]
-        val += p[3]
-        acc[:m] += val
+    p = F.embedding_bag(idx.reshape(-1, 1), table, per_sample_weights=wts.reshape(-1, 1), mode="sum")  # (4*S, C)
+    p = p.view(4, -1, C)
+    val = p[0]  # (S, C) sample values, summed in place
+    val += p[1]
+    val += p[2]
+    val += p[3]
+    acc = val[:active[0]]
+    acc += 0.0  # the kernel's 0 + sample_0 (turns -0.0 into +0.0)
+    start = active[0]
+    for m in active[1:]:
+        acc[:m] += val[start:start + m]
+        start += m
     return acc
 
 
@@ -132,10 +139,13 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     ty = [t[:, :, None, :, None] for t in _bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
     tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
     idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
-    M, G = K * Ph * Pw, g * g  # samples in (k, ph, pw, iy, ix) order
-    first = torch.arange(M, device=device) * G
-    out = _sum_samples(table, idx.reshape(M * G, 4), wts.reshape(M * G, 4), first, [M] * G)
-    return out / max(G, 1)
+    M, G, C = K * Ph * Pw, g * g, table.shape[1]
+    idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
+    wts = wts.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)
+    B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
+    sums = [_sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
+                         [min(B, M - b)] * G) for b in range(0, M, B)]
+    return torch.cat(sums) / max(G, 1)
 
 
 def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -179,30 +189,49 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     yi = (torch.cumsum(ny, 0) - ny)[k] + ph * g_h + iy
     xi = (torch.cumsum(nx, 0) - nx)[k] + pw * g_w + ix
     idx, wts = _sample_taps(base[k], width[k], [t[yi] for t in ty], [t[xi] for t in tx])  # (S, 4)
-    # bins sorted by sample count (descending, RoI by RoI): sample slot j is a step over a prefix of them
+    # bins sorted by sample count, descending, then cut into groups whose products stay in cache; within a
+    # group samples go slot-major (slot j of every bin that has one, then slot j + 1), so the bins with a
+    # slot j are a prefix of the group
+    M, PP, C = K * Ph * Pw, Ph * Pw, table.shape[1]
     n = gh * gw
     order = torch.sort(n, descending=True, stable=True).indices
-    bins = (order[:, None] * (Ph * Pw) + torch.arange(Ph * Pw, device=n.device)).reshape(-1)  # (K*Ph*Pw,)
-    first = ((torch.cumsum(n * (Ph * Pw), 0) - n * (Ph * Pw))[:, None] + torch.arange(Ph * Pw, device=n.device) * n[:, None])
-    n_sorted = sorted(n_host, reverse=True)
-    active = [Ph * Pw * sum(1 for c in n_sorted if c > j) for j in range(n_sorted[0] if n_sorted else 0)]
-    sums = _sum_samples(table, idx, wts, first.reshape(-1)[bins], active)
-    out = torch.empty_like(sums).index_copy_(0, bins, sums)  # back to RoI order
-    count = n.clamp(min=1).to(out.dtype)
-    return (out.view(K, Ph * Pw, -1) / count[:, None, None]).view(K * Ph * Pw, -1)
+    bins = (order[:, None] * PP + torch.arange(PP, device=n.device)).reshape(-1)  # (M,) in sorted order
+    rank = torch.empty_like(bins).index_copy_(0, bins, torch.arange(M, device=n.device))
+    n_bins = [c for c in sorted(n_host, reverse=True) if c > 0 for _ in range(PP)]  # sorted, empty bins left out
+    groups, group_of, used = [[]], [], 0
+    for c in n_bins:
+        if groups[-1] and used + 4 * c * C > _MAX_VALUES:
+            groups.append([])
+            used = 0
+        groups[-1].append(c)
+        group_of.append(len(groups) - 1)
+        used += 4 * c * C
+    if not n_bins:  # every RoI empty: all bins 0
+        return table.new_zeros((M, C))
+    b = rank[k * PP + ph * Pw + pw]  # each sample's bin, in sorted order
+    group = torch.tensor(group_of, device=n.device)[b]
+    slot_major = torch.argsort((group * n_bins[0] + iy * g_w + ix) * M + b)
+    idx, wts = idx[slot_major].t(), wts[slot_major].t()  # (4, S)
+    sums, start = [], 0
+    for counts in groups:
+        ascending = counts[::-1]
+        active = [len(counts) - bisect.bisect_right(ascending, j) for j in range(counts[0])]  # bins with a slot j
+        sums.append(_sum_samples(table, idx[:, start:start + sum(counts)], wts[:, start:start + sum(counts)], active))
+        start += sum(counts)
+    count = torch.tensor(n_bins, dtype=table.dtype, device=table.device)[:, None]
+    return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], torch.cat(sums) / count)  # RoI order
 
 
-def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool,
-                     max_rois: int) -> list[tuple[int, int]]:
-    """Split RoIs into runs of at most _MAX_ENTRIES sample taps and max_rois RoIs (one host read)."""
+def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
+    """Split RoIs into runs of at most _MAX_ENTRIES sample taps (one host read; a second when splitting)."""
     _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
     entries = (4 * P[0] * P[1]) * torch.ceil(roi_h / P[0]).clamp(min=0) * torch.ceil(roi_w / P[1]).clamp(min=0)
     K = rois.shape[0]
-    if K <= max_rois and float(entries.sum()) <= _MAX_ENTRIES:
+    if float(entries.sum()) <= _MAX_ENTRIES:
         return [(0, K)]
     chunks, start, used = [], 0, 0.0
     for k, n in enumerate(entries.tolist()):
-        if k > start and (used + n > _MAX_ENTRIES or k - start >= max_rois):
+        if k > start and used + n > _MAX_ENTRIES:
             chunks.append((start, k))
             start, used = k, 0.0
         used += n
@@ -220,15 +249,14 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     Ph, Pw = P
     if K == 0:
         return table.new_zeros((0, C, Ph, Pw))
-    max_rois = max(1, _MAX_VALUES // (4 * Ph * Pw * C))  # RoIs per run, by the per-step temporaries
     if sampling_ratio > 0:
-        step = max(1, min(max_rois, _MAX_ENTRIES // (Ph * Pw * 4 * sampling_ratio**2)))
+        step = max(1, _MAX_ENTRIES // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
                          for s in range(0, K, step)])
     else:
         out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned)
-                         for s, e in _adaptive_chunks(rois, scale, P, aligned, max_rois)])
+                         for s, e in _adaptive_chunks(rois, scale, P, aligned)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
