@@ -14,12 +14,13 @@ CPU kernel (torchvision/csrc/ops/cpu/roi_align_kernel.cpp and roi_align_common.h
 The float order is the kernel's too, so float32 results are bitwise equal to torchvision's CPU op: a sample's
 value is w1*v1 + w2*v2 + w3*v3 + w4*v4 (each product rounded, summed left to right), and a bin adds its
 samples to a running sum from 0 in (iy, ix) order, then divides by the count. With features stored
-channels-last as a table of rows `(N*H*W, C)`, one step of that sum, for all bins at once, is one row gather
-of the 4 taps, one multiply and four adds over Tensor[bins, C]; we loop over the g_h*g_w sample slots (4 for
-sampling_ratio 2). No reduction kernel is used: those reorder (and embedding_bag's fused multiply-add rounds
-differently). In the adaptive case bins are sorted by sample count, so slot j is a step over a prefix of them
-and no bin adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device
-synchronisation; the adaptive case reads its sample counts to the host (shapes depend on them).
+channels-last as a table of rows `(N*H*W, C)`, a group of bins takes: one `F.embedding_bag` with bags of one
+row for all 4 products of all its samples (w * v + 0: one rounding each; longer bags would fuse
+multiply-adds), three adds for the sample values, then one add per sample slot into the running sums. No
+reduction kernel is used: those reorder. Groups are sized so their products stay in the CPU caches. In the
+adaptive case bins are sorted by sample count, so slot j is an add over a prefix of a group's bins and no bin
+adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device synchronisation; the
+adaptive case reads its sample counts to the host (shapes depend on them).
 """
 from __future__ import annotations
 
