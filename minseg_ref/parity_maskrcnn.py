@@ -3,8 +3,7 @@
 A random detector keeps nothing above box_score_thresh (its softmax is nearly uniform over 91 classes), so a few
 classes get a large classifier bias ("peaky"): then the full pipeline (RPN, box selection, NMS per class, masks)
 keeps the maximum of 100 detections per image and every stage is exercised. On CPU everything up to the 28x28
-mask probabilities is bitwise equal (RoIAlign in the kernel's summation order: heads/roi_heads.py
-KernelOrderRoIAlign). Mask pasting (ops/masks.py) agrees to 2 float32 ulps, so a pasted pixel within rounding of
+mask probabilities is bitwise equal (ops/roi_align.py sums in torchvision's CPU kernel order). Mask pasting (ops/masks.py) agrees to 2 float32 ulps, so a pasted pixel within rounding of
 0.5 may threshold the other way (random-init masks have many pixels near 0.5).
 """
 from __future__ import annotations
