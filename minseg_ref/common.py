@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import platform
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,3 +83,25 @@ def load_synth():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+RECORDED_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # the fixtures' machine's kernels
+
+
+def recorded_kernels_available() -> bool:
+    """True on x86-64 Linux with AVX2, where oneDNN and ATen can be told to use the AVX2 kernels the fixtures'
+    machine used (conv accumulation order depends on the ISA: AVX-512 kernels round differently)."""
+    if platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file():
+        return False
+    return " avx2" in Path("/proc/cpuinfo").read_text()
+
+
+def run_with_recorded_kernels(module: str, timeout: float) -> list[tuple[str, bool, float, float]]:
+    """`python -m module` (which prints its run_report() rows as JSON on its last line) in a fresh process
+    restricted to the recording's kernels: they must be chosen before torch starts."""
+    env = {**os.environ, **RECORDED_KERNELS}
+    done = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"parity subprocess failed: {done.stderr.strip()[-500:]}")
+    return [tuple(row) for row in json.loads(done.stdout.strip().splitlines()[-1])]

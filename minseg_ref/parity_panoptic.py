@@ -9,23 +9,19 @@ panoptic map and segments_info.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import minseg
-from minseg_ref.common import ParityRow, Tally, compare, diff, fixture_dir, load_synth
-from minseg_ref.parity_yolact import recorded_kernels_available  # same machine check: AVX2 present
+from minseg_ref.common import (ParityRow, Tally, compare, diff, fixture_dir, load_synth, recorded_kernels_available,
+                               run_with_recorded_kernels)
 
 FIXTURE = "panoptic_fpn_R_50"
 MODEL = "panoptic_fpn_resnet50"
 ORIGINAL = "detectron2 fixture"
 TOLERANCE = 1e-4   # max rel diff per float tensor under other CPU kernels (the README's own 1-thread vs 2-thread figure)
-RECORDED_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # the fixture machine's kernels
 LEVELS = ("p2", "p3", "p4", "p5", "p6")
 # Downstream of RoIAlign: minseg's roi_align (ops/roi_align.py) sums each bin's samples in another order than
 # torchvision's C++ kernel (one embedding_bag per bin), ~1e-6 relative; with the recording's kernels everything
@@ -177,13 +173,8 @@ def run_report() -> list[tuple[str, bool, float, float]]:
 
 
 def run_report_recorded_kernels(timeout: float = 900) -> list[tuple[str, bool, float, float]]:
-    """run_report() in a fresh process restricted to the AVX2 kernels the recording machine used (chosen at start)."""
-    env = {**os.environ, **RECORDED_KERNELS}
-    done = subprocess.run([sys.executable, "-m", "minseg_ref.parity_panoptic"], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"parity subprocess failed: {done.stderr.strip()[-500:]}")
-    return [tuple(row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+    """run_report() in a fresh process restricted to the AVX2 kernels the recording machine used."""
+    return run_with_recorded_kernels("minseg_ref.parity_panoptic", timeout)
 
 
 def failures(rows, bitwise: bool) -> list[str]:

@@ -11,10 +11,6 @@ accumulate in another order (float32 rounding, ~1e-6 relative). With RECORDED_KE
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,12 +18,12 @@ import numpy as np
 import torch
 
 import minseg
-from minseg_ref.common import ParityRow, Tally, compare, diff, fixture_dir, load_synth
+from minseg_ref.common import (RECORDED_KERNELS, ParityRow, Tally, compare, diff, fixture_dir, load_synth,
+                               recorded_kernels_available, run_with_recorded_kernels)
 
 FIXTURE = "yolact_resnet50"
 ORIGINAL = "dbolya/yolact fixture"
 TOLERANCE = 1e-5  # max rel diff per float tensor with other CPU kernels: accumulated float32 rounding
-RECORDED_KERNELS = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}  # the fixture machine's kernels
 POST_SIZES = {"post640x480": (480, 640), "post160x120": (120, 160)}  # (h, w)
 
 
@@ -138,22 +134,9 @@ def run_report() -> list[tuple[str, bool, float, float]]:
     return report(stage_pairs(build_model(), tensors))
 
 
-def recorded_kernels_available() -> bool:
-    """True on x86-64 Linux with AVX2, where oneDNN and ATen can be told to use the AVX2 kernels the fixture's
-    machine used (conv accumulation order depends on the ISA: AVX-512 kernels round differently)."""
-    if platform.machine() not in ("x86_64", "AMD64") or not Path("/proc/cpuinfo").is_file():
-        return False
-    return " avx2" in Path("/proc/cpuinfo").read_text()
-
-
 def run_report_recorded_kernels(timeout: float = 600) -> list[tuple[str, bool, float, float]]:
-    """run_report() in a fresh process restricted to AVX2 kernels (they must be chosen before torch starts)."""
-    env = {**os.environ, **RECORDED_KERNELS}
-    done = subprocess.run([sys.executable, "-m", "minseg_ref.parity_yolact"], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
-    if done.returncode != 0:
-        raise RuntimeError(f"parity subprocess failed: {done.stderr.strip()[-500:]}")
-    return [tuple(row) for row in json.loads(done.stdout.strip().splitlines()[-1])]
+    """run_report() in a fresh process restricted to the recording's AVX2 kernels."""
+    return run_with_recorded_kernels("minseg_ref.parity_yolact", timeout)
 
 
 def passed(rows, bitwise: bool) -> list[str]:
