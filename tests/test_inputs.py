@@ -152,6 +152,43 @@ def test_tiny_and_elongated_images():
         model.predict(np.zeros((1, 2000, 3), np.uint8))
 
 
+def non_finite_input(name: str):
+    """Model `name`'s input format holding one NaN, one inf and one -inf (in its second image for the detectors)."""
+    g = torch.Generator().manual_seed(0)
+    clean, bad = torch.rand(3, 40, 48, generator=g), torch.rand(3, 40, 48, generator=g)
+    bad[0, 1, 2], bad[1, 3, 4], bad[2, 39, 47] = float("nan"), float("inf"), -float("inf")
+    if name.startswith("maskrcnn"):
+        return [clean, bad], "image 1"
+    if name.startswith("panoptic_fpn"):
+        return [{"image": clean * 255}, {"image": bad * 255}], "image 1"
+    return bad[None], "input"
+
+
+@pytest.mark.parametrize("name", minseg.list_models())
+def test_non_finite_inputs_refused(name):
+    model = minseg.create_model(name)
+    x, where = non_finite_input(name)
+    message = f"{where} contains NaN or inf values \\(3 of 5760 elements\\)"
+    with torch.no_grad(), pytest.raises(ValueError, match=message):
+        model(x)
+
+
+def test_non_finite_check_compiles_with_fullgraph():
+    """The NaN/inf check branches on tensor values: skipped while torch.compile traces, so fullgraph=True still
+    captures a network that calls it (minseg_ref/compile_check.py compiles whole models)."""
+    from minseg.models._inputs import check_images
+
+    def net(x):
+        check_images(x)
+        return x * 2
+
+    x = torch.randn(1, 3, 8, 8)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(net, fullgraph=True, backend="eager")(x), x * 2)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        net(x.log())
+
+
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "minseg", *args], capture_output=True, text=True)
 

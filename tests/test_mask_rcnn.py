@@ -90,6 +90,60 @@ def test_empty_results(pair):
         assert y["masks"].shape == (0, 1, h, w)
 
 
+MANY = dict(min_size=128, max_size=213, rpn_pre_nms_top_n_test=2000, rpn_post_nms_top_n_test=2000)
+
+
+@pytest.fixture(scope="module")
+def many_proposals():
+    """v1 on one 120x160 image, up to 2000 proposals per level and per image: (ref, ours, images, {"ref", "ours": the
+    proposals each model's RoI heads received}, torchvision's outputs, ours)."""
+    ref, ours = build_pair("maskrcnn_resnet50_fpn", seed=0, **MANY)
+    seen = {}
+    hooks = [m.roi_heads.register_forward_pre_hook(lambda mod, args, key=key: seen.update({key: args[1]}))
+             for key, m in (("ref", ref), ("ours", ours))]
+    xs = images([(120, 160)], seed=11)
+    try:
+        a, b = run_both(ref, ours, xs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ref, ours, xs, seen, a, b
+
+
+def test_thousands_of_proposals(many_proposals):
+    """~1500 proposals reach the RoI heads (of 3530 candidates before the RPN's NMS): the same as torchvision's,
+    bitwise, and the same 100 detections (the cap), sorted by score, inside the image."""
+    _, _, _, seen, a, b = many_proposals
+    (theirs,), (proposals,) = seen["ref"], seen["ours"]
+    assert len(proposals) >= 1000 and torch.equal(proposals, theirs), (len(proposals), len(theirs))
+    assert_parity(compare(a, b), min_detections=100)
+    (d,) = b
+    assert d["boxes"].shape == (100, 4) and d["scores"].shape == (100,) and d["masks"].shape == (100, 1, 120, 160)
+    assert torch.all(d["scores"][:-1] >= d["scores"][1:]) and torch.all(d["scores"] > 0.05)
+    x1, y1, x2, y2 = d["boxes"].unbind(1)
+    assert torch.all((0 <= x1) & (x1 <= x2) & (x2 <= 160) & (0 <= y1) & (y1 <= y2) & (y2 <= 120))
+
+
+def test_one_detection(many_proposals):
+    """box_detections_per_img=1: shapes [1, 4], [1], [1, 1, H, W], equal to torchvision's and to the best of the
+    100 detections (both keep the first of the score-sorted NMS survivors)."""
+    ref, ours, xs, _, _, many = many_proposals
+    saved = ref.roi_heads.detections_per_img, ours.roi_heads.cfg
+    try:
+        ref.roi_heads.detections_per_img = 1
+        ours.roi_heads.cfg = replace(ours.roi_heads.cfg, detections_per_img=1)
+        a, b = run_both(ref, ours, xs)
+    finally:
+        ref.roi_heads.detections_per_img, ours.roi_heads.cfg = saved
+    r = compare(a, b)
+    assert_parity(r)
+    (d,) = b
+    assert r["detections"] == 1 and d["labels"].dtype == torch.int64
+    assert d["boxes"].shape == (1, 4) and d["scores"].shape == (1,) and d["masks"].shape == (1, 1, 120, 160)
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert torch.equal(d[key], many[0][key][:1]), key
+
+
 def test_official_v1_layout_and_frozen_eps0():
     """The official v1 file: pre-0.13 key names, FrozenBatchNorm2d with eps set to 0 after loading. A torchvision
     model built that way (random frozen statistics) converts to norm="frozen", norm_eps=0.0 and matches."""

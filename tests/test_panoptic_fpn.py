@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -285,11 +286,82 @@ def test_predict_reads_a_file_like_the_recorded_array(model, recorded, tmp_path)
     assert torch.equal(out["panoptic_seg"], fx["predictor.panoptic_seg"])
 
 
+def assert_well_formed(out: dict, height: int, width: int, max_detections: int = 100):
+    """Instances sorted by score above the 0.05 threshold, labels 0..79, boxes inside the image, bool masks; every
+    segment id of panoptic_seg listed once in segments_info and every listed segment present."""
+    inst = out["instances"]
+    K = len(inst["scores"])
+    assert 0 < K <= max_detections and inst["boxes"].shape == (K, 4) and inst["labels"].shape == (K,)
+    assert inst["masks"].shape == (K, height, width) and inst["masks"].dtype == torch.bool
+    assert torch.all(inst["scores"][:-1] >= inst["scores"][1:]) and torch.all(inst["scores"] > 0.05)
+    assert inst["labels"].min() >= 0 and inst["labels"].max() <= 79
+    x1, y1, x2, y2 = inst["boxes"].unbind(1)
+    assert torch.all((0 <= x1) & (x1 < x2) & (x2 <= width) & (0 <= y1) & (y1 < y2) & (y2 <= height))
+    ids = [s["id"] for s in out["segments_info"]]
+    assert len(ids) == len(set(ids)) and set(ids) == set(out["panoptic_seg"].unique().tolist()) - {0}
+
+
+def test_thousands_of_proposals(model, recorded):
+    """post_nms_top_n 1000 -> 5000 on the recorded input: all ~1200 proposals that survive the RPN's NMS (of 3525
+    candidates) reach the RoI heads, by decreasing objectness; the first 1000 are the ones detectron2 kept
+    (recorded), the others rank below them; at most 100 well-formed detections and a consistent panoptic map."""
+    fx = recorded[0]
+    saved = model.rpn.cfg
+    try:
+        model.rpn.cfg = replace(saved, post_nms_top_n_test=5000)
+        out, captured = ref.run_case(model, fx, "model")
+    finally:
+        model.rpn.cfg = saved
+    (proposals,) = captured["proposals"]
+    boxes, logits = proposals["boxes"], proposals["scores"]
+    assert len(boxes) > 1000 and torch.all(logits[:-1] >= logits[1:])
+    first = ref.match_proposals(boxes[:1000], logits[:1000], fx["model.proposals.boxes"],
+                                fx["model.proposals.objectness_logits"])
+    for ours, key in zip(first, ("model.proposals.boxes", "model.proposals.objectness_logits")):
+        equal, _, rel = ref.compare(ours, fx[key])
+        assert equal or rel <= ref.TOLERANCE, (key, rel)
+    assert len(captured["raw"][0]["scores"]) == 100  # the cap
+    assert_well_formed(out, 120, 168)
+
+
+def test_one_detection(model, recorded):
+    """detections_per_img=1: shapes [1, 4], [1], [1, H, W]; the first of detectron2's 100 recorded instances (its
+    NMS survivors are sorted by score, the cap keeps the first); at most one thing segment."""
+    fx = recorded[0]
+    saved = model.roi_heads.cfg
+    try:
+        model.roi_heads.cfg = replace(saved, detections_per_img=1)
+        out, _ = ref.run_case(model, fx, "model")
+    finally:
+        model.roi_heads.cfg = saved
+    inst = out["instances"]
+    assert inst["boxes"].shape == (1, 4) and inst["scores"].shape == (1,) and inst["labels"].shape == (1,)
+    assert_well_formed(out, 120, 168, max_detections=1)
+    for key, rec in (("boxes", "pred_boxes"), ("scores", "scores")):
+        equal, _, rel = ref.compare(inst[key], fx[f"model.instances.{rec}"][:1])
+        assert equal or rel <= ref.TOLERANCE, (key, rel)
+    assert torch.equal(inst["labels"], fx["model.instances.pred_classes"][:1])
+    assert torch.equal(inst["masks"].to(torch.uint8), fx["model.instances.pred_masks"][:1])
+    assert sum(s["isthing"] for s in out["segments_info"]) <= 1
+
+
 def test_bad_inputs_raise_clearly(model):
     with pytest.raises(ValueError, match="Tensor\\[3, H, W\\]"):
         model([{"image": torch.zeros(64, 64)}])
     with pytest.raises(ValueError, match="non-empty list"):
         model([])
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        model([{"image": torch.zeros(3, 64, 64, dtype=torch.int64)}])
+
+
+def test_uint8_image_as_detectron2_takes_it(model):
+    """detectron2's DatasetMapper hands the model uint8 images; the normalisation turns them into floats."""
+    image = small_images()[0].round()
+    with torch.no_grad():
+        (as_uint8,) = model([{"image": image.to(torch.uint8)}])
+        (as_float,) = model([{"image": image}])
+    assert torch.equal(as_uint8["sem_seg"], as_float["sem_seg"])
+    assert torch.equal(as_uint8["panoptic_seg"], as_float["panoptic_seg"])
 
 
 @cuda

@@ -173,6 +173,53 @@ def test_threshold_override_gives_zero_detections(model, small_outputs):
     assert det["labels"].numel() == 0 and det["masks"].shape == (0, 20, 30)
 
 
+def recorded_outputs(fx: dict) -> dict[str, torch.Tensor]:
+    return {k: fx[f"tensor.{k}"] for k in ("loc", "conf", "mask", "priors", "proto")}
+
+
+def with_cfg(model, **changes):
+    other = copy.deepcopy(model)
+    other.cfg = dataclasses.replace(model.cfg, **changes)
+    return other
+
+
+def test_thousands_of_candidates(model, recorded):
+    """The recorded outputs send 19137 of 19248 priors past conf_thresh, 200 per class into Fast NMS; with
+    max_detections=2000 all 2000 come out, well formed. The cap only cuts the score-sorted survivors, so the
+    first 100 are the original's 100 detections, bitwise, and so are their postprocessed boxes and masks."""
+    fx = recorded[0]
+    outputs = recorded_outputs(fx)
+    assert (outputs["conf"][0, :, 1:].max(1).values > model.cfg.conf_thresh).sum() > 19000
+    many = with_cfg(model, max_detections=2000)
+    (det,) = many.detect(outputs)
+    assert det["labels"].shape == (2000,) and det["coeffs"].shape == (2000, 32)
+    first = {k: v[:100] for k, v in det.items()}
+    assert [k for k, (a, b) in ref.detection_pairs("tensor.det", first, fx).items() if not ref.compare(a, b)[0]] == []
+    (post,) = many.postprocess(outputs, [(120, 160)])
+    assert post["boxes"].shape == (2000, 4) and post["masks"].shape == (2000, 120, 160)
+    assert torch.all(post["scores"][:-1] >= post["scores"][1:])
+    assert post["labels"].min() >= 0 and post["labels"].max() <= 79
+    x1, y1, x2, y2 = post["boxes"].unbind(1)
+    assert torch.all((0 <= x1) & (x1 <= x2) & (x2 <= 160) & (0 <= y1) & (y1 <= y2) & (y2 <= 120))
+    pairs = ref.postprocessed_pairs("tensor.post160x120", {k: v[:100] for k, v in post.items()}, fx, 160, True)
+    assert [k for k, (a, b) in pairs.items() if not ref.compare(a, b)[0]] == []
+
+
+def test_one_detection(model, recorded):
+    """max_detections=1: shapes [1, 4], [1], [1, H, W]; the original's best detection, bitwise."""
+    fx = recorded[0]
+    outputs = recorded_outputs(fx)
+    one = with_cfg(model, max_detections=1)
+    (det,) = one.detect(outputs)
+    first = {k: v[:1] for k, v in fx.items() if k.startswith(("tensor.det.", "tensor.post160x120."))}
+    assert [k for k, (a, b) in ref.detection_pairs("tensor.det", det, first).items() if not ref.compare(a, b)[0]] == []
+    (post,) = one.postprocess(outputs, [(120, 160)])
+    assert post["boxes"].shape == (1, 4) and post["labels"].shape == (1,) and post["scores"].shape == (1,)
+    assert post["masks"].shape == (1, 120, 160) and post["masks"].dtype == torch.bool
+    pairs = ref.postprocessed_pairs("tensor.post160x120", post, first, 160, True)
+    assert [k for k, (a, b) in pairs.items() if not ref.compare(a, b)[0]] == []
+
+
 def test_cross_class_nms_option(model, small_outputs):
     cc = copy.deepcopy(model)
     cc.cfg = dataclasses.replace(model.cfg, cross_class_nms=True)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
+from minseg.models._inputs import check_images
 from minseg.ops.layers import ConvNormAct
 
 
@@ -62,16 +63,6 @@ class SegmentationNet(nn.Module):
             probs = logits.softmax(0)
             outputs.append({"labels": probs.argmax(0), "probs": probs})
         return outputs
-
-
-def check_images(x: torch.Tensor, channels: int = 3) -> None:
-    """Clear errors for inputs a network cannot take: wrong rank, channel count, dtype, non-finite values."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"expected a Tensor[N, {channels}, H, W], got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"expected a Tensor[N, {channels}, H, W], got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"expected a floating-point image tensor, got {x.dtype} (convert and normalise it first)")
 
 
 def fcn_backbone(depth: int) -> ResNet:

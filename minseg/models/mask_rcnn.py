@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from minseg.backbones.resnet import ResNet, resnet_config
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
+from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.masks import paste_masks_torchvision
 
@@ -67,14 +68,9 @@ class MaskRCNN(nn.Module):
         """Normalise and resize each image, zero-pad all to one size divisible by 32 (right and bottom).
         Returns (Tensor[N, 3, Hp, Wp], resized (h, w) per image). Follows torchvision transform.py."""
         t = self.transform
-        if not isinstance(images, (list, tuple)) or not images:
-            raise ValueError("expected a non-empty list of Tensor[3, H, W] images")
+        check_image_list(images, "a floating-point Tensor[3, H, W] in 0..1")
         resized = []
         for image in images:
-            if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError(f"each image must be a Tensor[3, H, W], got {getattr(image, 'shape', type(image))}")
-            if not image.is_floating_point():
-                raise TypeError(f"images must be floating point in 0..1, got {image.dtype}")
             mean = torch.as_tensor(t.image_mean, dtype=image.dtype, device=image.device)
             std = torch.as_tensor(t.image_std, dtype=image.dtype, device=image.device)
             image = (image - mean[:, None, None]) / std[:, None, None]
@@ -94,9 +90,9 @@ class MaskRCNN(nn.Module):
         return batch, sizes
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         # 1. normalise, resize, pad; ResNet; FPN
         x, sizes = self.preprocess(images)
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
         features = self.fpn(self.backbone(x))                      # {"p2": Tensor[N, 256, Hp/4, Wp/4], ..., "p6"}
         # 2. proposals, then detections with 28x28 mask probabilities at the resized scale
         proposals = self.rpn(features, sizes, (x.shape[-2], x.shape[-1]))

@@ -25,6 +25,7 @@ from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_inst
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
+from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.masks import paste_masks_detectron2
 
@@ -65,12 +66,11 @@ class PanopticFPN(nn.Module):
         (Tensor[N, 3, Hp, Wp], unpadded (h, w) per image). Follows detectron2 structures/image_list.py."""
         if not isinstance(batch, (list, tuple)) or not batch:
             raise ValueError("expected a non-empty list of {'image': Tensor[3, H, W], 'height', 'width'} dicts")
-        images = []
-        for item in batch:
-            image = item["image"] if isinstance(item, dict) else None
-            if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-                raise ValueError("each input needs 'image': a Tensor[3, H, W] (BGR, 0..255)")
-            images.append((image.to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std)
+        if not all(isinstance(item, dict) and "image" in item for item in batch):
+            raise ValueError("each input needs 'image': a Tensor[3, H, W] (BGR, 0..255)")
+        # uint8 too, as detectron2's DatasetMapper gives it (the subtraction below makes it float)
+        check_image_list([item["image"] for item in batch], "a Tensor[3, H, W] (BGR, 0..255)", uint8_ok=True)
+        images = [(item["image"].to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std for item in batch]
         sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         d = self.cfg.size_divisibility
         hp = -(-max(h for h, _ in sizes) // d) * d

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
-from minseg.models.fcn import check_images
+from minseg.models._inputs import check_images
 from minseg.ops.layers import ConvNormAct
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)

@@ -25,7 +25,7 @@ from torch import nn
 from minseg.backbones.darknet import darknet53
 from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
-from minseg.models.fcn import check_images
+from minseg.models._inputs import check_images
 from minseg.necks.yolact_fpn import YolactFPN
 from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
 from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordinates, yolact_priors
