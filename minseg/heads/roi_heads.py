@@ -26,6 +26,7 @@ from minseg.ops.box_coders import BoxCoder, Box2BoxTransform
 from minseg.ops.boxes import batched_nms, clip_boxes_to_image
 from minseg.ops.layers import make_norm
 from minseg.ops.poolers import MultiScaleRoIAlign
+from minseg.ops.roi_align import feature_table
 
 
 @dataclass(frozen=True)
@@ -152,15 +153,17 @@ class RoIHeads(nn.Module):
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         feats = [features[k] for k in self.cfg.in_features]
         counts = [len(p) for p in proposals]
+        table = feature_table(feats)  # one channels-last copy of the pyramid, read by both poolers
         # 1. box head on every proposal, then per image selection
-        x = self.box_head(self.box_pooler(feats, proposals, image_sizes))          # (R, fc_dim)
+        x = self.box_head(self.box_pooler(feats, proposals, image_sizes, table))   # (R, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
         boxes = self.decode(box_deltas, torch.cat(proposals))                       # (R, B*4)
         probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
         detections = [self.select(b, p, size) for b, p, size in
                       zip(boxes.split(counts), probs.split(counts), image_sizes)]
         # 2. mask head at the detected boxes; keep the channel of each box's class
-        mask_logits = self.mask_head(self.mask_pooler(feats, [d["boxes"] for d in detections], image_sizes))
+        mask_boxes = [d["boxes"] for d in detections]
+        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes, table))
         labels = torch.cat([d["labels"] for d in detections])
         index = torch.arange(len(labels), device=labels.device)
         mask_probs = mask_logits.sigmoid()[index, labels][:, None]                 # (K, 1, 28, 28)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from minseg.ops.boxes import box_area
-from minseg.ops.roi_align import _as_table, _compute_dtype, _pair, _pool, boxes_to_rois, roi_align
+from minseg.ops.roi_align import _compute_dtype, _pair, _pool, boxes_to_rois, feature_table, roi_align
 
 
 def assign_levels_torchvision(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224,
@@ -36,11 +36,13 @@ def assign_levels_detectron2(boxes: Tensor, min_level: int, max_level: int, cano
 
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
-                         output_size: int | tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+                         output_size: int | tuple[int, int], sampling_ratio: int, aligned: bool,
+                         table: Tensor | None = None) -> Tensor:
     """Pool each RoI from its level.
 
     features: per level Tensor[N, C, H_l, W_l]; rois: Tensor[K, 5] (batch index, xyxy in image pixels);
-    levels: Tensor[K] int64 in [0, len(features)); scales: spatial scale of each level.
+    levels: Tensor[K] int64 in [0, len(features)); scales: spatial scale of each level; table: the features'
+    `feature_table`, when the caller already made it (to pool the same features twice with one copy).
     Returns Tensor[K, C, Ph, Pw] in the features' dtype.
     """
     dtype = _compute_dtype(features[0].dtype)
@@ -53,7 +55,7 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     level_scale = torch.tensor(scales, dtype=dtype, device=device)
     height, width = heights[levels], widths[levels]  # (K,)
     base = first_row[levels] + rois[:, 0].long() * height * width
-    out = _pool(_as_table(features, dtype), rois, base, height, width, level_scale[levels], _pair(output_size),
+    out = _pool(feature_table(features, dtype) if table is None else table, rois, base, height, width, level_scale[levels], _pair(output_size),
                 sampling_ratio, aligned)
     return out.to(features[0].dtype)
 
@@ -71,7 +73,8 @@ class MultiScaleRoIAlign(nn.Module):
     R-CNN); scales inferred from the feature and image sizes when not given. "detectron2": detectron2's
     ROIPooler with ROIAlignV2 (aligned=True, sampling_ratio 0) and scales 1/4 .. 1/32.
     forward(features: list of Tensor[N, C, H_l, W_l] (finest first), boxes: list of N Tensor[L_i, 4],
-    image_sizes: list of (height, width), used only to infer scales) -> Tensor[sum L_i, C, Ph, Pw].
+    image_sizes: list of (height, width), used only to infer scales, table: optional `feature_table(features)`
+    shared by poolers that read the same features) -> Tensor[sum L_i, C, Ph, Pw].
     """
 
     def __init__(self, output_size: int | tuple[int, int], sampling_ratio: int, *, aligned: bool = False,
@@ -85,7 +88,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_scale, self.canonical_level = canonical_scale, canonical_level
 
     def forward(self, features: list[Tensor], boxes: list[Tensor],
-                image_sizes: list[tuple[int, int]] | None = None) -> Tensor:
+                image_sizes: list[tuple[int, int]] | None = None, table: Tensor | None = None) -> Tensor:
         scales = self.scales
         if scales is None:
             if not image_sizes:
@@ -103,4 +106,4 @@ class MultiScaleRoIAlign(nn.Module):
         else:
             levels = assign_levels_detectron2(box_cat, k_min, k_max, self.canonical_scale, self.canonical_level)
         return multiscale_roi_align(features, rois, levels, scales, self.output_size, self.sampling_ratio,
-                                    self.aligned)
+                                    self.aligned, table)

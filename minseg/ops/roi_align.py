@@ -261,10 +261,21 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
-def _as_table(features: list[Tensor], dtype: torch.dtype) -> Tensor:
-    """Feature maps Tensor[N, C, H_l, W_l] -> one channels-last table Tensor[sum_l N*H_l*W_l, C]."""
-    rows = [f.to(dtype).permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in features]  # (N*H*W, C) each
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """Feature maps Tensor[N, C, H_l, W_l] -> one channels-last table Tensor[sum_l N*H_l*W_l, C] of pixel rows.
+
+    Level l's rows follow level l-1's; inside a level, row n*H*W + y*W + x holds pixel (y, x) of image n.
+    One transposing copy per level into a preallocated table (a reshape then a cat would copy twice).
+    """
+    dtype = dtype or _compute_dtype(features[0].dtype)
+    C = features[0].shape[1]
+    table = features[0].new_empty((sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features), C), dtype=dtype)
+    start = 0
+    for f in features:
+        N, _, H, W = f.shape
+        table[start:start + N * H * W].view(N, H * W, C).copy_(f.reshape(N, C, H * W).transpose(1, 2))  # (N, HW, C)
+        start += N * H * W
+    return table
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -290,7 +301,7 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     height = torch.full((K,), H, dtype=torch.int64, device=device)
     width = torch.full((K,), W, dtype=torch.int64, device=device)
     scale = torch.full((K,), spatial_scale, dtype=dtype, device=device)
-    out = _pool(_as_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned)
+    out = _pool(feature_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned)
     return out.to(input.dtype)
 
 
