@@ -1,8 +1,14 @@
 """`minseg bench`: minseg against its original on the same weights and input, alternating in one process.
 
 Reports medians of `repeats` timed runs per side (after one warm-up each), the ratio minseg/original,
-and on CUDA the peak memory of each side. For YOLACT and Panoptic FPN, whose originals cannot be
-installed here, minseg's absolute time is reported with the published figure for context.
+and the peak memory of each side: the extra memory one forward needs beyond the model and its input.
+On CUDA that is torch.cuda.max_memory_allocated() minus memory_allocated() before the call, reset before
+every call, in the timing process. On CPU it is the resident-set high-water mark of one forward, each side
+alone in a fresh process (minseg_ref/peak_memory.py says how and why). For YOLACT and Panoptic FPN, whose
+originals cannot be installed here, minseg's absolute figures are reported with the published time for context.
+
+Each family gives a setup function `(*args, device) -> {"ours": forward, "original": forward}` (zero-argument
+calls on a built model and a fixed input); `compare_sides` times the two alternately and measures their peaks.
 """
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import importlib
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -38,16 +45,17 @@ def sync(device: str) -> None:
 
 
 def timed(fn, device: str) -> tuple[float, float | None]:
-    """(milliseconds, peak MB on CUDA) of one call."""
+    """(milliseconds, on CUDA the peak MB allocated during the call beyond what was allocated before it)."""
+    sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    sync(device)
+        before = torch.cuda.memory_allocated()
     start = time.perf_counter()
     with torch.inference_mode():
         fn()
     sync(device)
     ms = (time.perf_counter() - start) * 1000
-    return ms, (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None)
+    return ms, ((torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else None)
 
 
 def alternate(ours, original, device: str, repeats: int) -> tuple[float, float, float | None, float | None]:
@@ -61,13 +69,46 @@ def alternate(ours, original, device: str, repeats: int) -> tuple[float, float, 
     return statistics.median(a), statistics.median(b), peak(pa), peak(pb)
 
 
-def bench_semantic(name: str, device: str, repeats: int) -> BenchRow:
+def compare_sides(setup: Callable[..., dict], args: list, device: str, repeats: int,
+                  forwards: dict | None = None) -> tuple[float, float, float | None, float | None]:
+    """(ours ms, original ms, ours peak MB, original peak MB) of setup(*args, device)'s two forwards (pass them
+    as `forwards` if already built): times from `alternate`; peaks from it on CUDA, on CPU from a fresh process
+    per side, after the timing. `setup` must be a module-level function, args JSON values."""
+    forwards = forwards or setup(*args, device)
+    t_ours, t_ref, p_ours, p_ref = alternate(forwards["ours"], forwards["original"], device, repeats)
+    del forwards
+    if device == "cpu":
+        from minseg_ref.peak_memory import cpu_peak_mb
+
+        p_ours, p_ref = cpu_peak_mb(setup, args, "ours"), cpu_peak_mb(setup, args, "original")
+    return t_ours, t_ref, p_ours, p_ref
+
+
+def ours_only(setup: Callable[..., dict], args: list, device: str, repeats: int) -> tuple[float, float | None]:
+    """(median ms, peak MB) of setup(*args, device)["ours"] alone, for models whose original cannot run here."""
+    forward = setup(*args, device)["ours"]
+    timed(forward, device)  # warm-up
+    times, peaks = zip(*(timed(forward, device) for _ in range(repeats)))
+    del forward
+    if device == "cpu":
+        from minseg_ref.peak_memory import cpu_peak_mb
+
+        return statistics.median(times), cpu_peak_mb(setup, args, "ours")
+    return statistics.median(times), max(peaks)
+
+
+def semantic_forwards(name: str, device: str) -> dict:
+    """FCN / DeepLabV3: torchvision's seeded init and minseg converted from it, on one 520x520 image."""
     from minseg_ref.parity_semantic import build_pair
 
     ref, ours = build_pair(name, seed=0)
     ref, ours = ref.to(device), ours.to(device)
-    x = torch.randn(1, 3, 520, 520, device=device)
-    t_ours, t_ref, p_ours, p_ref = alternate(lambda: ours(x), lambda: ref(x), device, repeats)
+    x = torch.randn(1, 3, 520, 520, generator=torch.Generator().manual_seed(0)).to(device)
+    return {"ours": lambda: ours(x), "original": lambda: ref(x)}
+
+
+def bench_semantic(name: str, device: str, repeats: int) -> BenchRow:
+    t_ours, t_ref, p_ours, p_ref = compare_sides(semantic_forwards, [name], device, repeats)
     return BenchRow(name, device, "1x3x520x520", t_ours, t_ref, p_ours, p_ref)
 
 
@@ -109,4 +150,10 @@ def format_table(rows: list[BenchRow]) -> str:
         lines.append(f"{r.model:<28} {r.device:<6} {r.input:<22} {r.ours_ms:>10.1f} {fmt(r.original_ms, '11.1f'):>11} "
                      f"{fmt(r.ratio, '.3f'):>6} {peak:>20}  {r.note}")
     lines.append("ratio = minseg time / original time (median of interleaved runs; < 1 means minseg is faster)")
+    devices = {r.device for r in rows}
+    if "cpu" in devices:
+        lines.append("CPU peak MB = resident-set high-water mark of one forward minus the resident set before it "
+                     "(after a warm-up, gc and malloc_trim; median of 3 calls), each side alone in a fresh process")
+    if "cuda" in devices:
+        lines.append("CUDA peak MB = torch.cuda.max_memory_allocated during one forward minus memory_allocated before it")
     return "\n".join(lines)

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 import torch
 
-from minseg_ref.bench import BenchRow, alternate
+from minseg_ref.bench import BenchRow, compare_sides
 
 NAMES = ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
 
 
-def bench(device: str, model_name: str, repeats: int = 3) -> dict:
-    """ABAB-interleaved medians on two images (480x640, 427x640): {"model", "device", "input", "ours_ms",
-    "original_ms", "ratio", "ours_peak_mb", "original_peak_mb", "detections"}."""
+def forwards(model_name: str, device: str) -> dict:
+    """torchvision's seeded init (peaky classifier) and minseg converted from it, on two images 480x640, 427x640."""
     from minseg_ref.parity_maskrcnn import build_pair, images
 
     ref, ours = build_pair(model_name, seed=0)
     ref, ours = ref.to(device), ours.to(device)
     xs = [x.to(device) for x in images([(480, 640), (427, 640)])]
+    return {"ours": lambda: ours(xs), "original": lambda: ref(xs)}
+
+
+def bench(device: str, model_name: str, repeats: int = 3) -> dict:
+    """ABAB-interleaved medians on two images (480x640, 427x640): {"model", "device", "input", "ours_ms",
+    "original_ms", "ratio", "ours_peak_mb", "original_peak_mb", "detections"}."""
+    pair = forwards(model_name, device)
     with torch.inference_mode():
-        detections = [len(d["labels"]) for d in ours(xs)]
-    t_ours, t_ref, p_ours, p_ref = alternate(lambda: ours(xs), lambda: ref(xs), device, repeats)
+        detections = [len(d["labels"]) for d in pair["ours"]()]
+    t_ours, t_ref, p_ours, p_ref = compare_sides(forwards, [model_name], device, repeats, pair)
     return {"model": model_name, "device": device, "input": "2 images 480x640+427x640", "ours_ms": t_ours,
             "original_ms": t_ref, "ratio": t_ours / t_ref, "ours_peak_mb": p_ours, "original_peak_mb": p_ref,
             "detections": detections}

@@ -3,11 +3,9 @@ eval path (network + Detect + postprocess at 550x550, with the fixture's synthet
 Fast NMS and the masks see 100 detections) is reported beside the published Titan Xp figure."""
 from __future__ import annotations
 
-import statistics
-
 import torch
 
-from minseg_ref.bench import BenchRow, timed
+from minseg_ref.bench import BenchRow, ours_only
 
 PUBLISHED_FPS = {"yolact_resnet50": 42.5, "yolact_resnet101": 33.5, "yolact_darknet53": 40.0, "yolact_im700": 23.6}
 
@@ -26,19 +24,22 @@ def synthetic_model(arch: str):
     return model.eval()
 
 
-def bench(arch: str, device: str, repeats: int) -> BenchRow:
+def forwards(arch: str, device: str) -> dict:
+    """{"ours": the full eval path on one seeded SxS image}; there is no original to run."""
+    from minseg_ref.parity_yolact import VARIANTS
+
     model = synthetic_model(arch).to(device)
-    S = model.cfg.max_size
+    S = VARIANTS[arch][3]
     x = torch.randn(1, 3, S, S, generator=torch.Generator().manual_seed(1)).to(device)
+    return {"ours": lambda: model.postprocess(model(x), [(480, 640)])}
 
-    def run():
-        return model.postprocess(model(x), [(480, 640)])
 
-    timed(run, device)  # warm-up
-    times, peaks = zip(*(timed(run, device) for _ in range(repeats)))
-    fps = PUBLISHED_FPS[arch]
-    return BenchRow(arch, device, f"1x3x{S}x{S} -> 640x480", statistics.median(times), None,
-                    max(peaks) if peaks[0] is not None else None, None,
+def bench(arch: str, device: str, repeats: int) -> BenchRow:
+    from minseg_ref.parity_yolact import VARIANTS
+
+    ms, peak = ours_only(forwards, [arch], device, repeats)
+    S, fps = VARIANTS[arch][3], PUBLISHED_FPS[arch]
+    return BenchRow(arch, device, f"1x3x{S}x{S} -> 640x480", ms, None, peak, None,
                     f"original not runnable here; published {fps} fps = {1000 / fps:.1f} ms on a Titan Xp")
 
 
