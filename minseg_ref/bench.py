@@ -153,7 +153,8 @@ def format_table(rows: list[BenchRow]) -> str:
     devices = {r.device for r in rows}
     if "cpu" in devices:
         lines.append("CPU peak MB = resident-set high-water mark of one forward minus the resident set before it "
-                     "(after a warm-up, gc and malloc_trim; median of 3 calls), each side alone in a fresh process")
+                     "(after a warm-up, gc and malloc_trim; glibc mmap threshold fixed at 64 KiB; median of 3 calls), "
+                     "each side alone in a fresh process")
     if "cuda" in devices:
         lines.append("CUDA peak MB = torch.cuda.max_memory_allocated during one forward minus memory_allocated before it")
     return "\n".join(lines)
