@@ -2,6 +2,7 @@
 # One call on a GPU machine: the CUDA parity tests, then `minseg bench --device cuda --ops`.
 # Installs nothing from the network: it needs torch, torchvision (and smp for U-Net) already importable.
 # Usage (repo root):  bash tools/gpu_check.sh        logs go to $OUT (device tool) or out/gpu/
+# TEST_TIMEOUT, BENCH_TIMEOUT (seconds, default 300 each) and REPEATS (default 10) bound the two steps.
 set -uo pipefail
 out=${OUT:-out/gpu}
 mkdir -p "$out"
@@ -9,9 +10,9 @@ py=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 [ -n "${MINSEG_PARITY_DIR:-}" ] || { [ -d shared/parity ] && export MINSEG_PARITY_DIR="$PWD/shared/parity"; }
 "$py" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$out/env.log"
-"$py" -m pytest tests -q -k "cuda or autocast" -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
+timeout "${TEST_TIMEOUT:-300}" "$py" -m pytest tests -q -rfE --durations=10 -k "cuda or autocast" -p no:cacheprovider 2>&1 | tee "$out/cuda_tests.log"
 tests=${PIPESTATUS[0]}
-"$py" -m minseg bench --device cuda --ops --repeats 10 2>&1 | tee "$out/bench_cuda.log"
+timeout "${BENCH_TIMEOUT:-300}" "$py" -m minseg bench --device cuda --ops --repeats "${REPEATS:-10}" 2>&1 | tee "$out/bench_cuda.log"
 bench=${PIPESTATUS[0]}
 echo "cuda tests exit $tests, bench exit $bench" | tee -a "$out/env.log"
 exit $(( tests != 0 || bench != 0 ))
