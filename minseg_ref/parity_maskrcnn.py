@@ -49,6 +49,35 @@ def images(sizes, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def align_near_ties(a: list[dict], b: list[dict], tol: float) -> tuple[list[dict], int]:
+    """Put minseg's detections `b` in torchvision's order `a` where the two orders differ only by detections of
+    the same label whose scores lie within `tol` (kernels that round differently, as on CUDA, may swap such near
+    ties). Each `a` detection takes the unused `b` detection of its label, within tol, with the nearest box.
+    Returns (reordered b, number of detections moved); an image where some detection finds no partner is left as
+    it is, for compare() to report."""
+    out, moved = [], 0
+    for x, y in zip(a, b, strict=True):
+        if len(x["labels"]) != len(y["labels"]):
+            out.append(y)
+            continue
+        near = (x["labels"][:, None] == y["labels"][None, :]) & ((x["scores"][:, None] - y["scores"][None, :]).abs() <= tol)
+        dist = (x["boxes"][:, None, :] - y["boxes"][None, :, :]).abs().sum(-1).masked_fill(~near, float("inf"))
+        order, used = [], set()
+        for row in dist:
+            j = next((int(j) for j in row.argsort() if int(j) not in used and row[j] < float("inf")), None)
+            if j is None:
+                break
+            order.append(j)
+            used.add(j)
+        if len(order) != len(x["labels"]):
+            out.append(y)
+            continue
+        index = torch.tensor(order, dtype=torch.int64)
+        moved += int((index != torch.arange(len(index))).sum())
+        out.append({k: v[index] for k, v in y.items()})
+    return out, moved
+
+
 def compare(a: list[dict], b: list[dict]) -> dict:
     """Compare torchvision's outputs `a` with minseg's `b`. Raises AssertionError on a discrete difference
     (counts, labels); returns max diffs and mask statistics.

@@ -12,7 +12,7 @@ import torch
 
 import minseg
 from minseg.errors import CheckpointError
-from minseg_ref.parity_maskrcnn import BAND, MASK_TOLERANCE, TOLERANCE, build_pair, compare, images
+from minseg_ref.parity_maskrcnn import BAND, MASK_TOLERANCE, TOLERANCE, align_near_ties, build_pair, compare, images
 
 torchvision = pytest.importorskip("torchvision")
 NAMES = ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
@@ -225,11 +225,23 @@ def test_cuda_matches_torchvision_cuda(name):
     ref, ours = build_pair(name, seed=0, **SMALL)
     ref, ours = ref.cuda(), ours.cuda()
     xs = [x.cuda() for x in images([(240, 320), (200, 300)], seed=1)]
-    a, b = run_both(ref, ours, xs)
-    # CUDA kernels fuse multiply-adds their own way: float32 rounding, not bitwise, and a mask may be pasted one
-    # pixel off where its box sits on an integer edge (counted by compare(), not compared)
-    r = compare([{k: v.cpu() for k, v in d.items()} for d in a], [{k: v.cpu() for k, v in d.items()} for d in b])
-    assert r["detections"] >= 60 and r["boxes"].max_rel <= 1e-5 and r["scores"].max_abs <= 1e-5, r
+    # float32 parity: TF32 convolutions round their inputs to 10 bits, which turns a rounding-level difference in
+    # the pooled features into ~1e-3 differences downstream (both sides use TF32 by default, so a user comparing
+    # them sees that much)
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a, b = run_both(ref, ours, xs)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    # CUDA kernels (RoIAlign above all) round in their own order: float32 rounding, not bitwise, so detections
+    # whose scores tie to within 1e-5 may come out swapped, and a mask may be pasted one pixel off where its box
+    # sits on an integer edge (counted by compare(), not compared)
+    a = [{k: v.cpu() for k, v in d.items()} for d in a]
+    b, moved = align_near_ties(a, [{k: v.cpu() for k, v in d.items()} for d in b], tol=1e-5)
+    r = compare(a, b)
+    assert r["detections"] >= 60 and moved <= 4, (r, moved)
+    assert r["boxes"].max_rel <= 1e-5 and r["scores"].max_abs <= 1e-5, r
     assert r["masks"].max_abs <= 1e-3, r["masks"].max_abs
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = ours(xs)

@@ -218,21 +218,42 @@ def test_multiscale_detectron2_rule_matches_per_level_pooling():
     assert_bitwise(ours, expected)
 
 
-@cuda
-def test_roi_align_cuda_matches_torchvision_without_sync():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 32, 50, 68, generator=g).cuda()
+def gpu_inputs(seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 32, 50, 68, generator=g)
     size = torch.exp(torch.empty(500, 2).uniform_(math.log(4), math.log(400), generator=g))
     xy = torch.rand(500, 2, generator=g) * 250 - 20
-    rois = torch.cat([torch.randint(0, 2, (500, 1), generator=g).float(), xy, xy + size], dim=1).cuda()
-    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    rois = torch.cat([torch.randint(0, 2, (500, 1), generator=g).float(), xy, xy + size], dim=1)
+    return x, rois
+
+
+@pytest.mark.parametrize("P, sr, aligned", [(7, 2, False), (14, 2, False), (7, 0, True), (14, 0, False), (5, 3, True)])
+def test_gpu_summation_matches_torchvision_to_rounding(monkeypatch, P, sr, aligned):
+    """The GPU form (one fused bag of taps per bin) run on CPU: the same taps, summed in another order."""
+    roi_align_module = importlib.import_module("minseg.ops.roi_align")
+    monkeypatch.setattr(roi_align_module, "_kernel_order", lambda table: False)
+    x, rois = gpu_inputs()
+    torch.testing.assert_close(mo.roi_align(x, rois, P, 0.25, sr, aligned), tvo.roi_align(x, rois, P, 0.25, sr, aligned),
+                               rtol=1e-5, atol=1e-6)
+
+
+@cuda
+@pytest.mark.parametrize("P, sr, aligned", [(7, 2, False), (14, 0, True)])
+def test_roi_align_cuda_matches_torchvision(P, sr, aligned):
+    """On CUDA: rounding-level equal to torchvision's CPU kernel, and as close to its CUDA kernel as that kernel is to
+    its own CPU kernel (the CUDA kernel rounds sample positions its own way; a position one ulp off moves the
+    value by up to an ulp times the local gradient). No host-device synchronisation with sampling_ratio > 0."""
+    x, rois = gpu_inputs()
+    if sr > 0:
+        torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
     try:
-        ours = mo.roi_align(x, rois, 7, 0.25, 2, False)
+        ours = mo.roi_align(x.cuda(), rois.cuda(), P, 0.25, sr, aligned).cpu()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    torch.testing.assert_close(ours, tvo.roi_align(x, rois, 7, 0.25, 2, False), rtol=0, atol=1e-5)
-    torch.testing.assert_close(mo.roi_align(x, rois, 14, 0.25, 0, True), tvo.roi_align(x, rois, 14, 0.25, 0, True),
-                               rtol=0, atol=1e-5)
+    cpu = tvo.roi_align(x, rois, P, 0.25, sr, aligned)
+    gpu = tvo.roi_align(x.cuda(), rois.cuda(), P, 0.25, sr, aligned).cpu()
+    torch.testing.assert_close(ours, cpu, rtol=1e-5, atol=1e-6)
+    assert (ours - gpu).abs().max() <= (cpu - gpu).abs().max() + 1e-6
 
 
 def test_multiscale_single_level_channels_last_and_errors():
