@@ -68,6 +68,20 @@ def test_resnet_output_sizes(h, w, dilate):
     assert {k: tuple(v.shape[-2:]) for k, v in out.items()} == sizes
 
 
+def test_resnet_out_features_returns_those_stages_unchanged():
+    """out_features only chooses what forward keeps (the rest is freed early); the kept stages are bitwise equal."""
+    torch.manual_seed(0)
+    full = randomise_norms(resnet(50)).eval()
+    some = resnet(50, out_features=("c2", "c5")).eval()
+    some.load_state_dict(full.state_dict())
+    x = torch.randn(1, 3, 37, 45)
+    with torch.no_grad():
+        a, b = full(x), some(x)
+    assert list(b) == ["c2", "c5"] and all(torch.equal(b[k], a[k]) for k in b)
+    with pytest.raises(ValueError, match="out_features"):
+        resnet(50, out_features=("c6",))
+
+
 def test_dilated_stage_equals_direct_computation():
     """layer4 of a dilation-(F,T,T) ResNet-50: first block dilation 2, later blocks 4, stride 1 (torchvision's rule)."""
     torch.manual_seed(0)

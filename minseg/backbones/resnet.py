@@ -6,7 +6,9 @@ The three originals minseg follows differ in a few switches, not in structure:
   detectron2   (Panoptic FPN, MSRA weights): stride in the first 1x1 conv, FrozenBN through F.batch_norm.
   YOLACT       (backbone.py): the torchvision layout with plain BatchNorm2d.
 Attribute names follow torchvision's (conv1, bn1, layer1..4, downsample.0/1); other checkpoints are renamed
-into them in minseg/convert/. The forward returns every stage by stride: c1 (stem, /2) and c2..c5 (/4../32).
+into them in minseg/convert/. The forward returns the stages in `out_features`, by stride: c1 (stem, /2) and
+c2..c5 (/4../32); a stage not asked for is freed as soon as the next one is computed (like torchvision's
+IntermediateLayerGetter and detectron2's out_features), so a head that reads c5 alone does not hold c1..c4.
 """
 from __future__ import annotations
 
@@ -18,6 +20,9 @@ from torch import nn
 from minseg.ops.layers import make_norm
 
 
+STAGES = ("c1", "c2", "c3", "c4", "c5")
+
+
 @dataclass(frozen=True)
 class ResNetConfig:
     block: str                      # "basic" (18/34) or "bottleneck" (50/101)
@@ -27,6 +32,11 @@ class ResNetConfig:
     norm_eps: float = 1e-5
     replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False)  # for layer2, layer3, layer4
     in_channels: int = 3
+    out_features: tuple[str, ...] = STAGES  # the stages forward returns
+
+    def __post_init__(self):
+        if not self.out_features or not set(self.out_features) <= set(STAGES):
+            raise ValueError(f"out_features must be some of {STAGES}, got {self.out_features}")
 
 
 DEPTHS = {
@@ -90,7 +100,8 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    """Tensor[N, 3, H, W] -> {"c1": /2, "c2": /4, "c3": /8, "c4": /16, "c5": /32} (dilated stages keep their input stride)."""
+    """Tensor[N, 3, H, W] -> {"c1": /2, "c2": /4, "c3": /8, "c4": /16, "c5": /32}, the cfg.out_features among them
+    (dilated stages keep their input stride)."""
 
     def __init__(self, cfg: ResNetConfig):
         super().__init__()
@@ -124,12 +135,16 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        c1 = self.relu(self.bn1(self.conv1(x)))
-        c2 = self.layer1(self.maxpool(c1))
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        c5 = self.layer4(c4)
-        return {"c1": c1, "c2": c2, "c3": c3, "c4": c4, "c5": c5}
+        keep, features = self.cfg.out_features, {}
+        x = self.relu(self.bn1(self.conv1(x)))  # c1: (N, 64, H/2, W/2)
+        if "c1" in keep:
+            features["c1"] = x
+        x = self.maxpool(x)
+        for name, layer in zip(STAGES[1:], (self.layer1, self.layer2, self.layer3, self.layer4)):
+            x = layer(x)
+            if name in keep:
+                features[name] = x
+        return features
 
 
 def resnet(depth: int, **options) -> ResNet:

@@ -26,7 +26,7 @@ class DeepLabHead(nn.Module):
 
 def deeplabv3(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
     aux = FCNHead(1024, num_classes) if aux_loss else None
-    return SegmentationNet(fcn_backbone(depth), DeepLabHead(2048, num_classes), aux)
+    return SegmentationNet(fcn_backbone(depth, aux_loss), DeepLabHead(2048, num_classes), aux)
 
 
 def deeplabv3_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:

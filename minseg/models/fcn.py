@@ -65,12 +65,15 @@ class SegmentationNet(nn.Module):
         return outputs
 
 
-def fcn_backbone(depth: int) -> ResNet:
-    return resnet(depth, replace_stride_with_dilation=(False, True, True))
+def fcn_backbone(depth: int, aux_loss: bool) -> ResNet:
+    """Stride-8 ResNet returning c5 (and c4 for the aux head) only: the others are freed as the forward goes."""
+    keep = ("c4", "c5") if aux_loss else ("c5",)
+    return resnet(depth, replace_stride_with_dilation=(False, True, True), out_features=keep)
 
 
 def fcn(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
-    return SegmentationNet(fcn_backbone(depth), FCNHead(2048, num_classes), FCNHead(1024, num_classes) if aux_loss else None)
+    aux = FCNHead(1024, num_classes) if aux_loss else None
+    return SegmentationNet(fcn_backbone(depth, aux_loss), FCNHead(2048, num_classes), aux)
 
 
 def fcn_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:

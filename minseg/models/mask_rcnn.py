@@ -133,7 +133,7 @@ def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_me
         raise ValueError(f"num_classes counts the background too (torchvision's meaning); got {num_classes}")
     head_norm = norm if v2 else None
     transform = TransformConfig(min_size, max_size, tuple(image_mean), tuple(image_std))
-    backbone = ResNet(resnet_config(50, norm=norm, norm_eps=norm_eps))
+    backbone = ResNet(resnet_config(50, norm=norm, norm_eps=norm_eps, out_features=("c2", "c3", "c4", "c5")))
     fpn = FPN(FPNConfig(norm=head_norm, norm_eps=norm_eps))
     rpn = RPN(RPNConfig(conv_depth=2 if v2 else 1, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                         post_nms_top_n_test=rpn_post_nms_top_n_test, pre_nms_top_n_train=rpn_pre_nms_top_n_train,

@@ -177,7 +177,8 @@ def detectron2_roi_heads(num_classes: int) -> RoIHeadsConfig:
 
 def panoptic_fpn(depth: int, num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
     cfg = PanopticFPNConfig(depth=depth, num_classes=num_classes, num_sem_seg_classes=num_sem_seg_classes)
-    backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5))
+    backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
+                                    out_features=("c2", "c3", "c4", "c5")))
     return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), RPN(DETECTRON2_RPN),
                        RoIHeads(detectron2_roi_heads(num_classes)),
                        SemSegFPNHead(SemSegFPNConfig(num_classes=num_sem_seg_classes)))
