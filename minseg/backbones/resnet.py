@@ -75,8 +75,10 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
+        out = self.bn2(out)
+        out += identity
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -94,9 +96,12 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
+        out = self.relu(self.bn2(out))
+        out = self.conv3(out)
+        out = self.bn3(out)
+        out += identity
+        return self.relu(out)
 
 
 class ResNet(nn.Module):
