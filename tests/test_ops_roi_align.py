@@ -244,12 +244,15 @@ def test_roi_align_cuda_matches_torchvision(P, sr, aligned):
     its own CPU kernel (the CUDA kernel rounds sample positions its own way; a position one ulp off moves the
     value by up to an ulp times the local gradient). No host-device synchronisation with sampling_ratio > 0."""
     x, rois = gpu_inputs()
+    x_gpu, rois_gpu = x.cuda(), rois.cuda()
+    torch.cuda.synchronize()
     if sr > 0:
         torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
     try:
-        ours = mo.roi_align(x.cuda(), rois.cuda(), P, 0.25, sr, aligned).cpu()
+        ours = mo.roi_align(x_gpu, rois_gpu, P, 0.25, sr, aligned)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    ours = ours.cpu()
     cpu = tvo.roi_align(x, rois, P, 0.25, sr, aligned)
     gpu = tvo.roi_align(x.cuda(), rois.cuda(), P, 0.25, sr, aligned).cpu()
     torch.testing.assert_close(ours, cpu, rtol=1e-5, atol=1e-6)
