@@ -111,3 +111,19 @@ def test_paste_cuda_matches_cpu():
     assert (gpu != cpu).sum() <= max(1, cpu.numel() // 100_000)
     torch.testing.assert_close(mo.paste_masks_torchvision(masks[:, None].cuda(), boxes.cuda(), (300, 320)).cpu(),
                                mo.paste_masks_torchvision(masks[:, None], boxes, (300, 320)), rtol=0, atol=1e-6)
+
+
+def test_gpu_grouping_changes_no_value(monkeypatch):
+    """GPUs paste in fewer, more padded groups of windows: the same pixels, the same values."""
+    g = torch.Generator().manual_seed(3)
+    masks = torch.rand(60, 1, 28, 28, generator=g)
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([300.0, 200.0]) - 20
+    boxes = torch.cat([xy, xy + 2 + torch.rand(60, 2, generator=g) * 180], dim=1)
+    tv, d2 = mo.paste_masks_torchvision(masks, boxes, (240, 320)), mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320))
+    masks_module = __import__("minseg.ops.masks", fromlist=["_buckets"])
+    monkeypatch.setattr(masks_module, "_PAD_FACTOR", masks_module._GPU_PAD_FACTOR)
+    monkeypatch.setattr(masks_module, "_CHUNK_PIXELS", masks_module._GPU_CHUNK_PIXELS)
+    windows = torch.tensor([[0, 0, 10, 10], [0, 0, 200, 150], [5, 5, 6, 6]])
+    assert len(list(masks_module._buckets(windows))) == 1
+    assert torch.equal(mo.paste_masks_torchvision(masks, boxes, (240, 320)), tv)
+    assert torch.equal(mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320)), d2)
