@@ -163,7 +163,9 @@ class RoIHeads(nn.Module):
                       zip(boxes.split(counts), probs.split(counts), image_sizes)]
         # 2. mask head at the detected boxes; keep the channel of each box's class
         mask_boxes = [d["boxes"] for d in detections]
-        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes, table))
+        pooled = self.mask_pooler(feats, mask_boxes, image_sizes, table)             # (K, C, 14, 14)
+        del table  # as large as the pooled pyramid levels together; not needed past the poolers
+        mask_logits = self.mask_head(pooled)
         labels = torch.cat([d["labels"] for d in detections])
         index = torch.arange(len(labels), device=labels.device)
         mask_probs = mask_logits.sigmoid()[index, labels][:, None]                 # (K, 1, 28, 28)
