@@ -163,9 +163,11 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
     wts = wts.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
-    sums = [_sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
-                         [min(B, M - b)] * G) for b in range(0, M, B)]
-    return _div(torch.cat(sums), max(G, 1))
+    sums = table.new_empty((M, C))  # filled group by group: a group's sums are a view into its products
+    for b in range(0, M, B):
+        sums[b:b + B] = _sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
+                                     [min(B, M - b)] * G)
+    return sums.div_(torch.full((), max(G, 1), dtype=sums.dtype, device=sums.device))  # in place, as _div
 
 
 def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -237,14 +239,15 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     group = torch.tensor(group_of, device=n.device)[b]
     slot_major = torch.argsort((group * n_bins[0] + iy * g_w + ix) * M + b)
     idx, wts = idx[slot_major].t(), wts[slot_major].t()  # (4, S)
-    sums, start = [], 0
+    sums, start, row = table.new_empty((len(n_bins), C)), 0, 0  # filled group by group, as in _pool_fixed
     for counts in groups:
         ascending = counts[::-1]
         active = [len(counts) - bisect.bisect_right(ascending, j) for j in range(counts[0])]  # bins with a slot j
-        sums.append(_sum_samples(table, idx[:, start:start + sum(counts)], wts[:, start:start + sum(counts)], active))
-        start += sum(counts)
+        sums[row:row + len(counts)] = _sum_samples(table, idx[:, start:start + sum(counts)],
+                                                   wts[:, start:start + sum(counts)], active)
+        start, row = start + sum(counts), row + len(counts)
     count = torch.tensor(n_bins, dtype=table.dtype, device=table.device)[:, None]
-    return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], torch.cat(sums) / count)  # RoI order
+    return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], sums.div_(count))  # RoI order
 
 
 def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
