@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
@@ -301,17 +302,24 @@ def assert_well_formed(out: dict, height: int, width: int, max_detections: int =
     assert len(ids) == len(set(ids)) and set(ids) == set(out["panoptic_seg"].unique().tolist()) - {0}
 
 
+@contextmanager
+def cfg_changed(module, **changes):
+    """`module.cfg` with `changes` while the block runs (the model fixture is shared by this file's tests)."""
+    saved = module.cfg
+    module.cfg = replace(saved, **changes)
+    try:
+        yield
+    finally:
+        module.cfg = saved
+
+
 def test_thousands_of_proposals(model, recorded):
     """post_nms_top_n 1000 -> 5000 on the recorded input: all ~1200 proposals that survive the RPN's NMS (of 3525
     candidates) reach the RoI heads, by decreasing objectness; the first 1000 are the ones detectron2 kept
     (recorded), the others rank below them; at most 100 well-formed detections and a consistent panoptic map."""
     fx = recorded[0]
-    saved = model.rpn.cfg
-    try:
-        model.rpn.cfg = replace(saved, post_nms_top_n_test=5000)
+    with cfg_changed(model.rpn, post_nms_top_n_test=5000):
         out, captured = ref.run_case(model, fx, "model")
-    finally:
-        model.rpn.cfg = saved
     (proposals,) = captured["proposals"]
     boxes, logits = proposals["boxes"], proposals["scores"]
     assert len(boxes) > 1000 and torch.all(logits[:-1] >= logits[1:])
@@ -328,12 +336,8 @@ def test_one_detection(model, recorded):
     """detections_per_img=1: shapes [1, 4], [1], [1, H, W]; the first of detectron2's 100 recorded instances (its
     NMS survivors are sorted by score, the cap keeps the first); at most one thing segment."""
     fx = recorded[0]
-    saved = model.roi_heads.cfg
-    try:
-        model.roi_heads.cfg = replace(saved, detections_per_img=1)
+    with cfg_changed(model.roi_heads, detections_per_img=1):
         out, _ = ref.run_case(model, fx, "model")
-    finally:
-        model.roi_heads.cfg = saved
     inst = out["instances"]
     assert inst["boxes"].shape == (1, 4) and inst["scores"].shape == (1,) and inst["labels"].shape == (1,)
     assert_well_formed(out, 120, 168, max_detections=1)
