@@ -55,8 +55,8 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     level_scale = torch.tensor(scales, dtype=dtype, device=device)
     height, width = heights[levels], widths[levels]  # (K,)
     base = first_row[levels] + rois[:, 0].long() * height * width
-    out = _pool(feature_table(features, dtype) if table is None else table, rois, base, height, width, level_scale[levels], _pair(output_size),
-                sampling_ratio, aligned)
+    table = feature_table(features, dtype) if table is None else table
+    out = _pool(table, rois, base, height, width, level_scale[levels], _pair(output_size), sampling_ratio, aligned)
     return out.to(features[0].dtype)
 
 

@@ -253,7 +253,8 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
 def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
     """Split RoIs into runs of at most _MAX_ENTRIES sample taps (one host read; a second when splitting)."""
     _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    entries = (4 * P[0] * P[1]) * torch.ceil(_div(roi_h, P[0])).clamp(min=0) * torch.ceil(_div(roi_w, P[1])).clamp(min=0)
+    samples_per_bin = torch.ceil(_div(roi_h, P[0])).clamp(min=0) * torch.ceil(_div(roi_w, P[1])).clamp(min=0)
+    entries = (4 * P[0] * P[1]) * samples_per_bin
     K = rois.shape[0]
     if float(entries.sum()) <= _MAX_ENTRIES:
         return [(0, K)]
@@ -300,7 +301,8 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     start = 0
     for f in features:
         N, _, H, W = f.shape
-        table[start:start + N * H * W].view(N, H * W, C).copy_(f.reshape(N, C, H * W).transpose(1, 2))  # (N, HW, C)
+        rows = table[start:start + N * H * W].view(N, H, W, C)
+        rows.copy_(f.permute(0, 2, 3, 1))  # (N, H, W, C): a plain copy when f is channels_last
         start += N * H * W
     return table
 
