@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from minseg.ops.boxes import box_area
-from minseg.ops.roi_align import _compute_dtype, _pair, _pool, boxes_to_rois, feature_table, roi_align
+from minseg.ops.roi_align import _compute_dtype, _pair, _pool, boxes_to_rois, feature_table
 
 
 def assign_levels_torchvision(boxes: Tensor, k_min: int, k_max: int, canonical_scale: int = 224,
@@ -96,8 +96,6 @@ class MultiScaleRoIAlign(nn.Module):
             largest = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
             scales = [infer_scale(f, largest) for f in features]
         rois = boxes_to_rois(boxes)
-        if len(features) == 1:
-            return roi_align(features[0], rois, self.output_size, scales[0], self.sampling_ratio, self.aligned)
         k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
         k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
         box_cat = torch.cat(boxes) if isinstance(boxes, (list, tuple)) else rois[:, 1:]

@@ -44,10 +44,11 @@ def _kernel_order(table: Tensor) -> bool:
     return table.device.type == "cpu"
 
 
-def _div(t: Tensor, n: int) -> Tensor:
-    """t / n, correctly rounded on every device: CUDA divides by a Python number as a multiplication by its
-    reciprocal, which moves bin sizes by an ulp and sampled values by up to ~1e-4 on unit-scale features."""
-    return t / torch.full((), n, dtype=t.dtype, device=t.device)  # full, not tensor: no host-to-device copy
+def _scalar(n: int, like: Tensor) -> Tensor:
+    """n as a 0-dim tensor on `like`'s device, to divide by: CUDA divides by a Python number as a multiplication by
+    its reciprocal (not correctly rounded), which moves bin sizes by an ulp and samples by up to ~1e-4 on
+    unit-scale features. `full`, not `tensor`: no host-to-device copy."""
+    return torch.full((), n, dtype=like.dtype, device=like.device)
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -132,7 +133,7 @@ def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:  # kept: malformed RoIs are forced to 1x1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    return y1, x1, _div(roi_h, P[0]), _div(roi_w, P[1]), roi_h, roi_w
+    return y1, x1, roi_h / _scalar(P[0], roi_h), roi_w / _scalar(P[1], roi_w), roi_h, roi_w
 
 
 def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
@@ -158,8 +159,8 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
     M, G, C = K * Ph * Pw, g * g, table.shape[1]
     if not _kernel_order(table):  # one bag of G * 4 taps per bin
-        return _div(F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4),
-                               mode="sum"), max(G, 1))
+        sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
+        return sums.div_(_scalar(max(G, 1), sums))
     idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
     wts = wts.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
@@ -167,7 +168,7 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     for b in range(0, M, B):
         sums[b:b + B] = _sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
                                      [min(B, M - b)] * G)
-    return sums.div_(torch.full((), max(G, 1), dtype=sums.dtype, device=sums.device))  # in place, as _div
+    return sums.div_(_scalar(max(G, 1), sums))
 
 
 def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -184,8 +185,8 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     K = rois.shape[0]
     Ph, Pw = P
     y1, x1, bin_h, bin_w, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    gh = torch.ceil(_div(roi_h, Ph)).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
-    gw = torch.ceil(_div(roi_w, Pw)).long().clamp(min=0)
+    gh = torch.ceil(roi_h / _scalar(Ph, roi_h)).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
+    gw = torch.ceil(roi_w / _scalar(Pw, roi_w)).long().clamp(min=0)
     gh_host, gw_host = torch.stack((gh, gw)).tolist()  # host read: the shapes below
     n_host = [a * b for a, b in zip(gh_host, gw_host)]  # samples per bin of each RoI
     Sy, Sx, S = Ph * sum(gh_host), Pw * sum(gw_host), Ph * Pw * sum(n_host)
@@ -253,7 +254,8 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
 def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
     """Split RoIs into runs of at most _MAX_ENTRIES sample taps (one host read; a second when splitting)."""
     _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    samples_per_bin = torch.ceil(_div(roi_h, P[0])).clamp(min=0) * torch.ceil(_div(roi_w, P[1])).clamp(min=0)
+    grid_h, grid_w = torch.ceil(roi_h / _scalar(P[0], roi_h)), torch.ceil(roi_w / _scalar(P[1], roi_w))
+    samples_per_bin = grid_h.clamp(min=0) * grid_w.clamp(min=0)
     entries = (4 * P[0] * P[1]) * samples_per_bin
     K = rois.shape[0]
     if float(entries.sum()) <= _MAX_ENTRIES:
