@@ -29,38 +29,43 @@ def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, m
     and stuff as {"id", "isthing": False, "category_id" (1..53), "area"}, as detectron2 returns them.
     """
     panoptic = torch.zeros_like(semantic, dtype=torch.int32)
-    segments: list[dict] = []
-    current_id = 0
     masks = masks.to(dtype=torch.bool, device=panoptic.device)
 
-    # things, best first; kept: argsort is not stable, as in the original, so exact ties keep torch's order
-    for i in torch.argsort(-scores):
-        score = scores[i].item()
-        if score < cfg.instances_score_thresh:
-            break
+    # things, best first; kept: argsort is not stable, as in the original, so exact ties keep torch's order.
+    # Each decision stays on the device (no host read per instance): the scores are read once before, the
+    # decisions once after.
+    order = torch.argsort(-scores)
+    sorted_scores = scores[order].tolist()
+    count = next((j for j, s in enumerate(sorted_scores) if s < cfg.instances_score_thresh), len(sorted_scores))
+    order = order[:count].tolist()
+    areas = masks.flatten(1).sum(1).double()  # (K,)
+    next_id = torch.zeros((), dtype=torch.int32, device=panoptic.device)
+    kept = []
+    for i in order:
         mask = masks[i]
-        area = mask.sum().item()
-        if area == 0:
-            continue
-        overlap = (mask & (panoptic > 0)).sum().item()
-        if overlap * 1.0 / area > cfg.overlap_thresh:
-            continue
-        if overlap > 0:
-            mask = mask & (panoptic == 0)
-        current_id += 1
-        panoptic[mask] = current_id
-        segments.append({"id": current_id, "isthing": True, "score": score,
-                         "category_id": labels[i].item(), "instance_id": i.item()})
+        overlap = (mask & (panoptic > 0)).sum().double()
+        # float64, as the original's Python floats; an empty mask is skipped
+        keep = (areas[i] > 0) & ~(overlap / areas[i] > cfg.overlap_thresh)
+        next_id = next_id + keep
+        panoptic = torch.where(mask & (panoptic == 0) & keep, next_id, panoptic)  # only the free part of the mask
+        kept.append(keep)
+    segments: list[dict] = []
+    labels_host = labels.tolist()
+    for j, keep in enumerate(torch.stack(kept).tolist() if kept else []):
+        if keep:
+            i = order[j]
+            segments.append({"id": len(segments) + 1, "isthing": True, "score": sorted_scores[j],
+                             "category_id": labels_host[i], "instance_id": i})
 
-    # stuff, in ascending class order, on whatever the things left free
-    for label in torch.unique(semantic).cpu().tolist():
-        if label == cfg.things_label:
+    # stuff, in ascending class order, on whatever the things left free (stuff classes do not overlap, so each
+    # one's free area can be counted before any is laid down)
+    present = torch.unique(semantic).tolist()
+    free = torch.where(panoptic == 0, semantic + 1, 0).flatten()  # 0: taken by a thing
+    free_area = torch.bincount(free, minlength=max(present, default=0) + 2).tolist()
+    for label in present:
+        if label == cfg.things_label or free_area[label + 1] < cfg.stuff_area_thresh:
             continue
-        mask = (semantic == label) & (panoptic == 0)
-        area = mask.sum().item()
-        if area < cfg.stuff_area_thresh:
-            continue
-        current_id += 1
-        panoptic[mask] = current_id
-        segments.append({"id": current_id, "isthing": False, "category_id": label, "area": area})
+        segment_id = len(segments) + 1
+        panoptic = torch.where((semantic == label) & (panoptic == 0), segment_id, panoptic)
+        segments.append({"id": segment_id, "isthing": False, "category_id": label, "area": free_area[label + 1]})
     return panoptic, segments
