@@ -60,14 +60,14 @@ def test_detectron2_paste_equals_one_by_one(problem, threshold):
 
 
 @SETTINGS
-@given(paste_problems())
-def test_torchvision_paste_matches_torchvision(problem):
+@given(paste_problems(), st.sampled_from([1, 0, 2]))
+def test_torchvision_paste_matches_torchvision(problem, padding):
     """Equal up to the last bits: PyTorch's upsample kernel fuses multiply-adds differently by code path, so
-    a separable resize written in tensor ops agrees to 2 float32 ulps (of values in [0, 1]), not bitwise."""
+    a separable resize written as matrix products agrees to 2 float32 ulps (of values in [0, 1]), not bitwise."""
     masks, boxes, (H, W) = problem
     inside = mo.clip_boxes_to_image(boxes, (H, W))  # torchvision's paste fails on boxes wholly past the image
-    ours = mo.paste_masks_torchvision(masks[:, None], inside, (H, W))
-    expected = torchvision_paste(masks[:, None], inside, (H, W))
+    ours = mo.paste_masks_torchvision(masks[:, None], inside, (H, W), padding)
+    expected = torchvision_paste(masks[:, None], inside, (H, W), padding)
     assert ours.shape == expected.shape == (len(masks), 1, H, W)
     torch.testing.assert_close(ours, expected, rtol=0, atol=2.5e-7)
     assert torch.equal(ours == 0, expected == 0)  # same support
@@ -84,6 +84,24 @@ def test_torchvision_paste_realistic():
     assert mo.paste_masks_torchvision(masks[:0], boxes[:0], (800, 1067)).shape == (0, 1, 800, 1067)
     assert torch.equal(mo.expand_boxes(boxes, 30 / 28),
                        __import__("torchvision").models.detection.roi_heads.expand_boxes(boxes, 30 / 28))
+
+
+def test_torchvision_paste_in_float32_whatever_the_settings():
+    """The matrix products of the paste run in full float32 under autocast and reduced-precision matmul
+    settings, and leave the setting as it was."""
+    g = torch.Generator().manual_seed(4)
+    masks = torch.rand(6, 1, 28, 28, generator=g)
+    boxes = torch.tensor([[3.0, 4.0, 40.0, 30.0], [10.2, 0.0, 60.0, 59.9], [0.0, 0.0, 5.0, 5.0]]).repeat(2, 1)
+    expected = mo.paste_masks_torchvision(masks, boxes, (64, 64))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = mo.paste_masks_torchvision(masks, boxes, (64, 64))
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert ours.dtype == torch.float32 and torch.equal(ours, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -114,16 +132,15 @@ def test_paste_cuda_matches_cpu():
 
 
 def test_gpu_grouping_changes_no_value(monkeypatch):
-    """GPUs paste in fewer, more padded groups of windows: the same pixels, the same values."""
+    """GPUs paste detectron2's masks in fewer, more padded groups of windows: the same pixels, the same values."""
     g = torch.Generator().manual_seed(3)
     masks = torch.rand(60, 1, 28, 28, generator=g)
     xy = torch.rand(60, 2, generator=g) * torch.tensor([300.0, 200.0]) - 20
     boxes = torch.cat([xy, xy + 2 + torch.rand(60, 2, generator=g) * 180], dim=1)
-    tv, d2 = mo.paste_masks_torchvision(masks, boxes, (240, 320)), mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320))
+    d2 = mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320))
     masks_module = __import__("minseg.ops.masks", fromlist=["_buckets"])
     monkeypatch.setattr(masks_module, "_PAD_FACTOR", masks_module._GPU_PAD_FACTOR)
     monkeypatch.setattr(masks_module, "_CHUNK_PIXELS", masks_module._GPU_CHUNK_PIXELS)
     windows = torch.tensor([[0, 0, 10, 10], [0, 0, 200, 150], [5, 5, 6, 6]])
     assert len(list(masks_module._buckets(windows))) == 1
-    assert torch.equal(mo.paste_masks_torchvision(masks, boxes, (240, 320)), tv)
     assert torch.equal(mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320)), d2)

@@ -3,18 +3,19 @@
 torchvision (models/detection/roi_heads.py, paste_masks_in_image; Detectron1 style): pad the mask by one
 pixel of zeros, grow the box by (M + 2) / M about its centre, truncate it to integers, bilinearly resize the
 padded mask to the integer box size (F.interpolate, align_corners=False) and copy it into a zero image.
-Returns soft masks Tensor[N, 1, H, W].
+Returns soft masks Tensor[N, 1, H, W]. Here the resize and the copy are two batched matrix products per call
+(every mask at once, nothing bigger than the output).
 
 detectron2 (layers/mask_ops.py, paste_masks_in_image): sample the mask with grid_sample at the centres of
 image pixels mapped into the float box, then threshold (>= 0.5). On CPU the original pastes one mask at a
 time, sampling only the window [floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1) around its box
-(everything else stays False). Returns Tensor[N, H, W] bool.
-
-Both compute only inside each mask's window: masks are grouped by window size, each group is computed as one
-dense (k, h, w) block (padded to the group's largest window) and scattered into the zero image; the number of
-steps depends on how varied the sizes are, not on the number of masks.
+(everything else stays False). Returns Tensor[N, H, W] bool. Here masks are grouped by window size, each
+group is sampled as one dense (k, h, w) block (padded to the group's largest window) and scattered into the
+image; the number of steps depends on how varied the sizes are, not on the number of masks.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -85,40 +86,63 @@ def _resize_taps(out_pos: Tensor, out_size: Tensor, in_size: int) -> tuple[Tenso
     return i0, i0 + (i0 < in_size - 1).long(), 1 - lam, lam
 
 
+def _resize_matrix(start: Tensor, size: Tensor, length: int, in_size: int) -> Tensor:
+    """A bilinear resize and its placement in the image as one matrix per mask.
+
+    Masks of `in_size` pixels along one axis are resized to `size` (Tensor[N] int64) and placed at `start`
+    (Tensor[N] int64) on an image axis of `length` pixels. Returns Tensor[N, length, in_size] float32 whose
+    row p holds the weights of the source pixels for image pixel p (`_resize_taps`: at most two non-zero);
+    rows outside [start, start + size) are zero. Where both taps are the last source pixel their weights are
+    summed, which matters only for unpadded masks (the padded mask's last pixel is zero).
+    """
+    pos = torch.arange(length, device=start.device) - start[:, None]  # (N, length) position in the resized mask
+    i0, i1, w0, w1 = _resize_taps(pos, size[:, None], in_size)
+    outside = (pos < 0) | (pos >= size[:, None])
+    matrix = torch.zeros(*pos.shape, in_size, device=start.device)
+    matrix.scatter_add_(2, i0[..., None], w0.masked_fill(outside, 0)[..., None])
+    matrix.scatter_add_(2, i1[..., None], w1.masked_fill(outside, 0)[..., None])
+    return matrix
+
+
+@contextmanager
+def _float32_matmul(device_type: str):
+    """Matrix products in full float32 inside the block: no autocast, no TF32 or bfloat16 shortcuts (a global
+    setting, restored on exit)."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+
+
 def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int], padding: int = 1) -> Tensor:
     """torchvision's paste_masks_in_image.
 
     masks: Tensor[N, 1, M, M] soft masks; boxes: Tensor[N, 4] xyxy in image pixels; image_shape: (H, W).
-    Returns Tensor[N, 1, H, W] in the masks' dtype, zero outside each (expanded, integer) box. Values agree
-    with torchvision's to 2 float32 ulps: its upsample kernel fuses multiply-adds differently per code path.
+    Returns Tensor[N, 1, H, W] in the masks' dtype, zero outside each (expanded, integer) box.
+    The separable resize is two batched matrix products, rows @ mask @ columns^T, whose factors hold the
+    bilinear weights of the image pixels (`_resize_matrix`; zero outside the box): all masks in two calls,
+    with nothing bigger than the output. Each sum has the same two non-zero products as PyTorch's upsample
+    kernel, which fuses multiply-adds differently by code path: values agree with torchvision's to 2 float32
+    ulps, not bitwise.
     """
     N, _, M, _ = masks.shape
     H, W = image_shape
-    buffer = torch.zeros(N * H * W + 1, dtype=masks.dtype, device=masks.device)  # the last element: padding dump
-    out = buffer[:-1].view(N, 1, H, W)
     if N == 0:
-        return out
+        return masks.new_zeros(0, 1, H, W)
     padded = F.pad(masks, (padding,) * 4)[:, 0].float()  # (N, Mp, Mp)
     Mp = padded.shape[-1]
     box = expand_boxes(boxes, float(M + 2 * padding) / M).to(torch.int64)  # kept: truncation, as the int cast
     x0, y0, x1, y1 = box.unbind(1)
-    # the mask resized to (y1 - y0 + 1) x (x1 - x0 + 1) sits at (x0, y0); its part inside the image is copied
-    windows = torch.stack((x0.clamp(min=0), y0.clamp(min=0), (x1 + 1).clamp(max=W), (y1 + 1).clamp(max=H)), dim=1)
-    w, h = (x1 - x0 + 1).clamp(min=1), (y1 - y0 + 1).clamp(min=1)
-    for n, ys, xs, inside in _buckets(windows):
-        cx0, cx1, wx0, wx1 = _resize_taps(xs - x0[n, None], w[n, None], Mp)  # (k, w) each
-        cy0, cy1, wy0, wy1 = _resize_taps(ys - y0[n, None], h[n, None], Mp)  # (k, h) each
-        k, Mw = xs.shape
-        m = padded[n]  # (k, Mp, Mp)
-        # along x on every source row, then along y
-        t = (torch.gather(m, 2, cx0[:, None, :].expand(k, Mp, Mw)) * wx0[:, None, :]
-             + torch.gather(m, 2, cx1[:, None, :].expand(k, Mp, Mw)) * wx1[:, None, :])  # (k, Mp, w)
-        Mh = ys.shape[1]
-        value = (torch.gather(t, 1, cy0[:, :, None].expand(k, Mh, Mw)) * wy0[:, :, None]
-                 + torch.gather(t, 1, cy1[:, :, None].expand(k, Mh, Mw)) * wy1[:, :, None])  # (k, h, w)
-        target = n[:, None, None] * (H * W) + ys[:, :, None] * W + xs[:, None, :]
-        buffer[torch.where(inside, target, N * H * W)] = value.to(masks.dtype)
-    return out
+    # the mask resized to (y1 - y0 + 1) x (x1 - x0 + 1) sits at (x0, y0)
+    rows = _resize_matrix(y0, (y1 - y0 + 1).clamp(min=1), H, Mp)  # (N, H, Mp)
+    columns = _resize_matrix(x0, (x1 - x0 + 1).clamp(min=1), W, Mp)  # (N, W, Mp)
+    with _float32_matmul(masks.device.type):
+        along_x = torch.bmm(padded, columns.transpose(1, 2))  # (N, Mp, W): along x on every source row
+        pasted = torch.bmm(rows, along_x)  # (N, H, W): then along y
+    return pasted.to(masks.dtype)[:, None]
 
 
 def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int],
