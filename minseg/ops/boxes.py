@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from minseg.ops import forms
+
 
 def _upcast(t: Tensor) -> Tensor:
     """float16/bfloat16 -> float32 and small ints -> int32, so products do not overflow (torchvision's rule)."""
@@ -114,9 +116,10 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     is faster than handing them to a second thread and does not stall when the other core is busy.
     """
     N = boxes.shape[0]
-    cpu = boxes.device.type == "cpu"
+    cpu = not forms.launch_bound(boxes)
     if block is None:  # on CPU the largest block whose B x B comparison stays below the grain
         block = 181 if cpu else 4096
+    steps_per_check = 1 if cpu else 4
     x1, y1, x2, y2 = boxes.t()
     coords = torch.stack((x1, y1, x2, y2, (x2 - x1) * (y2 - y1)))  # (5, N): x1, y1, x2, y2, area
     keep = torch.zeros(N, dtype=torch.bool, device=boxes.device)
@@ -128,7 +131,7 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
         blk = coords[:, start:stop]  # (5, B)
         blk_labels = labels[start:stop] if labels is not None else None
         first = 0
-        if labels is not None:
+        if labels is not None and kept.shape[1] > 0:
             # class-major order: only the kept boxes of this block's classes, a suffix of `kept`, can suppress
             first = int(torch.searchsorted(kept_labels, blk_labels[:1]))
         # compare the block with the earlier kept boxes, in column chunks, and with itself (in the last chunk)
@@ -147,7 +150,9 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
                 inner = torch.tril(over[:, -B:], diagonal=-1)  # (B, B)
             candidate &= _none_per_row(over[:, :max(0, min(c1, n_prev) - c0)])  # earlier kept boxes
         k = candidate
-        while True:
+        while True:  # a convergence check is a host read: on GPUs, a few steps between checks
+            for _ in range(steps_per_check - 1):
+                k = candidate & _none_per_row(inner & k[None, :])
             new_k = candidate & _none_per_row(inner & k[None, :])
             if torch.equal(new_k, k):
                 break

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from minseg.ops import forms
+
 _CHUNK_PIXELS = 1 << 22  # window pixels computed per step (bounds the temporaries)
 _PAD_FACTOR = 1.5  # a group's padded pixels may exceed its real window pixels by this factor
 # on GPUs a step costs kernel launches more than arithmetic: far fewer, more padded groups
@@ -46,8 +48,8 @@ def _buckets(windows: Tensor):
     stays small (on GPUs, groups are fewer and padded more); empty windows are skipped. One host read of the
     window sizes. The grouping changes no value, only how many pixels each step computes.
     """
-    cpu = windows.device.type == "cpu"
-    pad_factor, chunk = (_PAD_FACTOR, _CHUNK_PIXELS) if cpu else (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS)
+    few = forms.launch_bound(windows)
+    pad_factor, chunk = (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS) if few else (_PAD_FACTOR, _CHUNK_PIXELS)
     sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) w, h
     ws, hs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
     order = sorted((i for i in range(len(ws)) if ws[i] * hs[i] > 0), key=lambda i: -ws[i] * hs[i])

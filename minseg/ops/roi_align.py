@@ -22,8 +22,9 @@ adaptive case bins are sorted by sample count, so slot j is an add over a prefix
 adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device synchronisation; the
 adaptive case reads its sample counts to the host (shapes depend on them).
 
-On GPUs the same taps go through one `F.embedding_bag` in "sum" mode with a bag of taps per bin: a fused
-gather and weighted sum, in the GPU's own order (as torchvision's CUDA kernel is not bitwise its CPU kernel).
+On GPUs (`forms.launch_bound`) the same taps go through one `F.embedding_bag` in "sum" mode with a bag of
+taps per bin: a fused gather and weighted sum, in the GPU's own order (as torchvision's CUDA kernel is not
+bitwise its CPU kernel).
 """
 from __future__ import annotations
 
@@ -33,15 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from minseg.ops import forms
+
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
 _MAX_VALUES = 1 << 22  # products per group of bins: taps * C (Tensor[4, S, C], kept within the CPU caches)
-
-
-def _kernel_order(table: Tensor) -> bool:
-    """Sum in the CPU kernel's float order (bitwise torchvision on CPU), or, on GPUs, in one fused gather and
-    weighted sum per bin (torchvision's CUDA kernel has its own order, so only rounding-level equality is
-    possible there, and the fused form is far faster)."""
-    return table.device.type == "cpu"
 
 
 def _scalar(n: int, like: Tensor) -> Tensor:
@@ -158,7 +154,7 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
     idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
     M, G, C = K * Ph * Pw, g * g, table.shape[1]
-    if not _kernel_order(table):  # one bag of G * 4 taps per bin
+    if forms.launch_bound(table):  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
         return sums.div_(_scalar(max(G, 1), sums))
     idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
@@ -217,7 +213,7 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     # slot j are a prefix of the group
     M, PP, C = K * Ph * Pw, Ph * Pw, table.shape[1]
     n = gh * gw
-    if not _kernel_order(table):  # samples are bin by bin already: one bag per bin, empty bins sum to 0
+    if forms.launch_bound(table):  # samples are bin by bin already: one bag per bin, empty bins sum to 0
         per_bin = n.repeat_interleave(PP)  # (M,)
         offsets = (torch.cumsum(per_bin, 0) - per_bin) * 4
         sums = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum", per_sample_weights=wts.reshape(-1))
