@@ -19,11 +19,11 @@ def check_finite(x: Tensor | Sequence[Tensor]) -> None:
     floats = [(i, t) for i, t in enumerate(tensors) if t.is_floating_point() and not t.is_meta]
     if not floats or torch.compiler.is_compiling():
         return
-    device = floats[0][1].device
-    ok = torch.stack([torch.isfinite(t).all().to(device) for _, t in floats])  # (len(floats),)
-    if bool(ok.all()):  # the one sync
+    flags = [torch.isfinite(t).all() for _, t in floats]
+    device = flags[0].device
+    if bool(flags[0] if len(flags) == 1 else torch.stack([f.to(device) for f in flags]).all()):  # the one sync
         return
-    i, t = floats[int((~ok).nonzero()[0, 0])]
+    i, t = next((i, t) for i, t in floats if not bool(torch.isfinite(t).all()))  # the error path: find the image
     what = "input" if isinstance(x, Tensor) else f"image {i}"
     bad = int((~torch.isfinite(t)).sum())
     raise ValueError(f"{what} contains NaN or inf values ({bad} of {t.numel()} elements): clean it first "
