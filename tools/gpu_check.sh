@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: the CUDA parity tests, then `minseg bench --device cuda --ops`.
+# One call on a GPU machine: the CUDA parity tests, then `minseg bench --device cuda --ops`, then a profile of
+# Mask R-CNN, RoIAlign and NMS (minseg beside torchvision: device time, kernel launches, busiest kernels).
 # Installs nothing from the network: it needs torch, torchvision (and smp for U-Net) already importable.
 # Usage (repo root):  bash tools/gpu_check.sh        logs go to $OUT (device tool) or out/gpu/
-# TEST_TIMEOUT, BENCH_TIMEOUT (seconds, default 300 each) and REPEATS (default 10) bound the two steps.
+# TEST_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT (seconds, default 300, 300, 120) and REPEATS (default 10) bound
+# the steps; PROFILE_TIMEOUT=0 skips the profile.
 set -uo pipefail
 out=${OUT:-out/gpu}
 mkdir -p "$out"
@@ -14,5 +16,8 @@ timeout "${TEST_TIMEOUT:-300}" "$py" -m pytest tests -q -rfE --durations=10 -k "
 tests=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-300}" "$py" -m minseg bench --device cuda --ops --repeats "${REPEATS:-10}" 2>&1 | tee "$out/bench_cuda.log"
 bench=${PIPESTATUS[0]}
+if [ "${PROFILE_TIMEOUT:-120}" != 0 ]; then
+  timeout "${PROFILE_TIMEOUT:-120}" "$py" -m minseg_ref.profile --device cuda 2>&1 | tee "$out/profile_cuda.log"
+fi
 echo "cuda tests exit $tests, bench exit $bench" | tee -a "$out/env.log"
 exit $(( tests != 0 || bench != 0 ))
