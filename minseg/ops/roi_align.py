@@ -68,15 +68,15 @@ def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     w_lo = 1 - frac, w_hi = frac, as the kernel's hy = 1 - ly, ly.
     """
     valid = (pos >= -1.0) & (pos <= size)  # NaN positions are invalid, as in the kernel
-    pos = torch.where(valid, pos.clamp(min=0), torch.zeros_like(pos))
+    pos = torch.where(valid, pos.clamp(min=0), 0.0)
     last = (size - 1).to(pos.dtype)
     lo = pos.floor()
     at_edge = lo >= last
     lo = torch.where(at_edge, last, lo)
     pos = torch.where(at_edge, lo, pos)
     frac = pos - lo
-    w_hi = torch.where(valid, frac, torch.zeros_like(frac))
-    w_lo = torch.where(valid, 1 - frac, torch.zeros_like(frac))
+    w_hi = torch.where(valid, frac, 0.0)
+    w_lo = torch.where(valid, 1 - frac, 0.0)
     lo = lo.long()
     hi = torch.where(at_edge, lo, lo + 1)
     return lo, hi, w_lo, w_hi, valid
@@ -91,7 +91,7 @@ def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...], x: tuple[Te
     ylo, yhi, wylo, wyhi, yvalid = y
     xlo, xhi, wxlo, wxhi, xvalid = x
     rows = torch.stack((ylo, ylo, yhi, yhi), dim=-1) * width[..., None] + torch.stack((xlo, xhi, xlo, xhi), dim=-1)
-    idx = base[..., None] + torch.where((yvalid & xvalid)[..., None], rows, torch.zeros_like(rows))  # (..., 4)
+    idx = base[..., None] + torch.where((yvalid & xvalid)[..., None], rows, 0)  # (..., 4)
     wts = torch.stack((wylo, wylo, wyhi, wyhi), dim=-1) * torch.stack((wxlo, wxhi, wxlo, wxhi), dim=-1)
     return idx, wts
 
