@@ -17,7 +17,7 @@ tests=${PIPESTATUS[0]}
 timeout "${BENCH_TIMEOUT:-300}" "$py" -m minseg bench --device cuda --ops --repeats "${REPEATS:-10}" 2>&1 | tee "$out/bench_cuda.log"
 bench=${PIPESTATUS[0]}
 if [ "${PROFILE_TIMEOUT:-120}" != 0 ]; then
-  timeout "${PROFILE_TIMEOUT:-120}" "$py" -m minseg_ref.profile --device cuda 2>&1 | tee "$out/profile_cuda.log"
+  timeout "${PROFILE_TIMEOUT:-120}" "$py" -m minseg_ref.profile_tables --device cuda 2>&1 | tee "$out/profile_cuda.log"
 fi
 echo "cuda tests exit $tests, bench exit $bench" | tee -a "$out/env.log"
 exit $(( tests != 0 || bench != 0 ))

@@ -1,7 +1,7 @@
-"""minseg_ref.profile, the GPU session's profiler tables, runs (here on the CPU)."""
+"""minseg_ref.profile_tables, the GPU session's profiler tables, runs (here on the CPU)."""
 import torch
 
-from minseg_ref.profile import profile_call
+from minseg_ref.profile_tables import profile_call
 
 
 def test_profile_call_summarises_one_call():

@@ -5,7 +5,7 @@ For the GPU session that has to explain a ratio: per workload and side it prints
 host time, on the CPU). Workloads: a Mask R-CNN forward (2 images, 100 detections each, as `minseg bench`),
 RoIAlign 7x7 sampling 2 and 0, and NMS on 1000 boxes (as `minseg_ref.bench_ops`).
 
-    python -m minseg_ref.profile [--device cuda] [--rows N] [WORKLOAD ...]
+    python -m minseg_ref.profile_tables [--device cuda] [--rows N] [WORKLOAD ...]
 """
 from __future__ import annotations
 
