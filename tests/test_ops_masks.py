@@ -143,3 +143,19 @@ def test_gpu_grouping_changes_no_value(monkeypatch):
     windows = torch.tensor([[0, 0, 10, 10], [0, 0, 200, 150], [5, 5, 6, 6]])
     assert len(list(mo.masks._buckets(windows))) == 1
     assert torch.equal(mo.paste_masks_detectron2(masks[:, 0], boxes, (240, 320)), d2)
+
+
+@cuda
+def test_torchvision_paste_cuda_without_sync():
+    g = torch.Generator().manual_seed(5)
+    masks = torch.rand(40, 1, 28, 28, generator=g).cuda()
+    xy = torch.rand(40, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 1 + torch.rand(40, 2, generator=g) * 150], dim=1).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pasted = mo.paste_masks_torchvision(masks, boxes, (300, 320))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(pasted.cpu(), mo.paste_masks_torchvision(masks.cpu(), boxes.cpu(), (300, 320)),
+                               rtol=0, atol=1e-6)

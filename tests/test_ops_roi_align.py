@@ -272,3 +272,21 @@ def test_multiscale_single_level_channels_last_and_errors():
         pooler([feat], boxes)
     with pytest.raises(ValueError, match="level_rule"):
         mo.MultiScaleRoIAlign(5, 2, level_rule="fpn")
+
+
+@cuda
+def test_multiscale_pooling_cuda_without_sync():
+    """The FPN pooler on CUDA (sampling_ratio 2, scales given) starts no host-device synchronisation: its
+    per-level constants reach the GPU by non-blocking copies."""
+    g = torch.Generator().manual_seed(7)
+    feats = [torch.randn(2, 8, 64 // 2**i, 80 // 2**i, generator=g).cuda() for i in range(4)]
+    boxes = [_fpn_boxes(g, 30, image=(256, 320)).cuda(), _fpn_boxes(g, 12, image=(256, 320)).cuda()]
+    pooler = mo.MultiScaleRoIAlign(7, 2, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pooler(feats, boxes)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = pooler([f.cpu() for f in feats], [b.cpu() for b in boxes])
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-6)

@@ -33,6 +33,7 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
+from minseg.ops.forms import host_values
 from minseg.ops.masks import paste_masks_torchvision
 
 
@@ -71,8 +72,8 @@ class MaskRCNN(nn.Module):
         check_image_list(images, "a floating-point Tensor[3, H, W] in 0..1")
         resized = []
         for image in images:
-            mean = torch.as_tensor(t.image_mean, dtype=image.dtype, device=image.device)
-            std = torch.as_tensor(t.image_std, dtype=image.dtype, device=image.device)
+            mean = host_values(t.image_mean, image.dtype, image.device)
+            std = host_values(t.image_std, image.dtype, image.device)
             image = (image - mean[:, None, None]) / std[:, None, None]
             scale = resize_scale(image.shape[1], image.shape[2], t.min_size, t.max_size)
             # kept: scale_factor with recompute_scale_factor=True, so the output size is floor(side * scale)
@@ -114,10 +115,10 @@ def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[i
     """Detections at the resized scale -> boxes scaled to the original (h, w) (float32 ratios, as torchvision's
     resize_boxes) and masks pasted there as Tensor[K, 1, h, w] probabilities."""
     boxes = det["boxes"]
-    ratio_h = torch.tensor(original[0], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        size[0], dtype=torch.float32, device=boxes.device)
-    ratio_w = torch.tensor(original[1], dtype=torch.float32, device=boxes.device) / torch.tensor(
-        size[1], dtype=torch.float32, device=boxes.device)
+    def scalar(n: int) -> Tensor:  # a fill on the device, not a (synchronising) copy from the host
+        return torch.full((), float(n), dtype=torch.float32, device=boxes.device)
+
+    ratio_h, ratio_w = scalar(original[0]) / scalar(size[0]), scalar(original[1]) / scalar(size[1])
     x1, y1, x2, y2 = boxes.unbind(1)
     boxes = torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
     masks = paste_masks_torchvision(det["mask_probs"], boxes, original)

@@ -89,7 +89,8 @@ class AnchorGenerator(nn.Module):
             # kept: stride = padded size // grid size, so a level whose size is not an exact divisor
             # (e.g. 800 // 13 = 61 on p6) gets torchvision's stride, not the nominal one
             stride = (image_size[0] // H, image_size[1] // W)
-            anchors.append(grid_anchors(cells.to(dtype=dtype, device=device), (H, W), stride))
+            cells = cells.to(device=device, dtype=dtype, non_blocking=True)  # host to GPU without a sync
+            anchors.append(grid_anchors(cells, (H, W), stride))
         return torch.cat(anchors)
 
 

@@ -214,5 +214,5 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
         return _class_aware_nms(boxes, scores, idxs, iou_threshold)
     max_coordinate = boxes.max()
-    offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+    offsets = idxs.to(boxes) * (max_coordinate + 1)  # (N,) one float32 add, as torchvision's tensor(1) add
     return nms(boxes + offsets[:, None], scores, iou_threshold)

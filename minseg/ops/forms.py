@@ -6,12 +6,23 @@ fewer, larger steps: RoIAlign sums each bin in one fused gather and weighted sum
 torchvision's CUDA kernel is not bitwise its CPU kernel either), NMS decides up to 4096 boxes per block, and
 detectron2-style mask pasting computes fewer, more padded groups. Results agree to float32 rounding.
 Tests and `minseg_ref.dispatch_count` replace `launch_bound` to run the GPU forms on the CPU.
+`host_values` brings small constants to a GPU without a synchronisation.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import Tensor
 
 
 def launch_bound(t: Tensor) -> bool:
     """True where `t` lives, ops should take few large steps (GPUs); False on the CPU."""
     return t.device.type != "cpu"
+
+
+def host_values(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A few host numbers as Tensor[len(values)] on `device`, copied without waiting for the device: a blocking
+    host-to-device copy (torch.tensor(values, device="cuda")) synchronises the stream, i.e. waits for all the
+    work queued before it."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

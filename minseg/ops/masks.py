@@ -23,6 +23,7 @@ from torch import Tensor
 
 from minseg.ops import forms
 
+# detectron2's paste computes groups of windows (`_buckets`):
 _CHUNK_PIXELS = 1 << 22  # window pixels computed per step (bounds the temporaries)
 _PAD_FACTOR = 1.5  # a group's padded pixels may exceed its real window pixels by this factor
 # on GPUs a step costs kernel launches more than arithmetic: far fewer, more padded groups
@@ -39,39 +40,6 @@ def expand_boxes(boxes: Tensor, scale: float) -> Tensor:
     return torch.stack((x_c - w_half, y_c - h_half, x_c + w_half, y_c + h_half), dim=1)
 
 
-def _buckets(windows: Tensor):
-    """Group masks by window size and yield, per group, the image rows and columns of their windows.
-
-    windows: Tensor[N, 4] int64 (x0, y0, x1, y1), end exclusive. Yields (n Tensor[k], ys Tensor[k, h],
-    xs Tensor[k, w], inside Tensor[k, h, w] bool) where h, w are the group's largest window sides and
-    `inside` marks the pixels of each mask's own window. Masks in a group have similar sizes, so padding
-    stays small (on GPUs, groups are fewer and padded more); empty windows are skipped. One host read of the
-    window sizes. The grouping changes no value, only how many pixels each step computes.
-    """
-    few = forms.launch_bound(windows)
-    pad_factor, chunk = (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS) if few else (_PAD_FACTOR, _CHUNK_PIXELS)
-    sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) w, h
-    ws, hs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
-    order = sorted((i for i in range(len(ws)) if ws[i] * hs[i] > 0), key=lambda i: -ws[i] * hs[i])
-    start = 0
-    while start < len(order):
-        w, h, area, stop = ws[order[start]], hs[order[start]], ws[order[start]] * hs[order[start]], start + 1
-        while stop < len(order):
-            i = order[stop]
-            nw, nh = max(w, ws[i]), max(h, hs[i])
-            if (stop - start + 1) * nw * nh > max(pad_factor * (area + ws[i] * hs[i]), 4096) or \
-                    (stop - start + 1) * nw * nh > chunk:
-                break
-            w, h, area, stop = nw, nh, area + ws[i] * hs[i], stop + 1
-        n = torch.tensor(order[start:stop], device=windows.device)
-        win = windows[n]  # (k, 4)
-        ys = win[:, 1:2] + torch.arange(h, device=windows.device)  # (k, h)
-        xs = win[:, 0:1] + torch.arange(w, device=windows.device)  # (k, w)
-        inside = (ys < win[:, 3:4])[:, :, None] & (xs < win[:, 2:3])[:, None, :]  # (k, h, w)
-        yield n, ys, xs, inside
-        start = stop
-
-
 def _resize_taps(out_pos: Tensor, out_size: Tensor, in_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Bilinear (align_corners=False) source taps of output positions, per mask output size.
 
@@ -80,7 +48,7 @@ def _resize_taps(out_pos: Tensor, out_size: Tensor, in_size: int) -> tuple[Tenso
     - .5 (one fused multiply-add in the AVX2 kernel, reproduced in float64), clamped at 0; i0 = floor(src)
     capped at in - 1; lambda = src - i0 clamped to [0, 1].
     """
-    scale = torch.tensor(float(in_size), dtype=torch.float32, device=out_pos.device) / out_size.float()
+    scale = torch.full((), float(in_size), dtype=torch.float32, device=out_pos.device) / out_size.float()
     src = (scale.double() * (out_pos.float() + 0.5).double() - 0.5).float().clamp(min=0)
     i0 = src.floor().clamp(max=in_size - 1)
     lam = (src - i0).clamp(0, 1)
@@ -145,6 +113,39 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int
         along_x = torch.bmm(padded, columns.transpose(1, 2))  # (N, Mp, W): along x on every source row
         pasted = torch.bmm(rows, along_x)  # (N, H, W): then along y
     return pasted.to(masks.dtype)[:, None]
+
+
+def _buckets(windows: Tensor):
+    """Group masks by window size and yield, per group, the image rows and columns of their windows.
+
+    windows: Tensor[N, 4] int64 (x0, y0, x1, y1), end exclusive. Yields (n Tensor[k], ys Tensor[k, h],
+    xs Tensor[k, w], inside Tensor[k, h, w] bool) where h, w are the group's largest window sides and
+    `inside` marks the pixels of each mask's own window. Masks in a group have similar sizes, so padding
+    stays small (on GPUs, groups are fewer and padded more); empty windows are skipped. One host read of the
+    window sizes. The grouping changes no value, only how many pixels each step computes.
+    """
+    few = forms.launch_bound(windows)
+    pad_factor, chunk = (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS) if few else (_PAD_FACTOR, _CHUNK_PIXELS)
+    sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) w, h
+    ws, hs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
+    order = sorted((i for i in range(len(ws)) if ws[i] * hs[i] > 0), key=lambda i: -ws[i] * hs[i])
+    start = 0
+    while start < len(order):
+        w, h, area, stop = ws[order[start]], hs[order[start]], ws[order[start]] * hs[order[start]], start + 1
+        while stop < len(order):
+            i = order[stop]
+            nw, nh = max(w, ws[i]), max(h, hs[i])
+            if (stop - start + 1) * nw * nh > max(pad_factor * (area + ws[i] * hs[i]), 4096) or \
+                    (stop - start + 1) * nw * nh > chunk:
+                break
+            w, h, area, stop = nw, nh, area + ws[i] * hs[i], stop + 1
+        n = forms.host_values(order[start:stop], torch.int64, windows.device)
+        win = windows[n]  # (k, 4)
+        ys = win[:, 1:2] + torch.arange(h, device=windows.device)  # (k, h)
+        xs = win[:, 0:1] + torch.arange(w, device=windows.device)  # (k, w)
+        inside = (ys < win[:, 3:4])[:, :, None] & (xs < win[:, 2:3])[:, None, :]  # (k, h, w)
+        yield n, ys, xs, inside
+        start = stop
 
 
 def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int],

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from minseg.ops.boxes import box_area
+from minseg.ops.forms import host_values
 from minseg.ops.roi_align import _compute_dtype, _pair, _pool, boxes_to_rois, feature_table
 
 
@@ -49,10 +50,10 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     device = rois.device
     rois = rois.to(dtype)
     sizes = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
-    first_row = torch.tensor([0] + sizes[:-1], device=device).cumsum(0)  # (L,) table row of each level
-    heights = torch.tensor([f.shape[2] for f in features], device=device)
-    widths = torch.tensor([f.shape[3] for f in features], device=device)
-    level_scale = torch.tensor(scales, dtype=dtype, device=device)
+    first_row = host_values([sum(sizes[:l]) for l in range(len(sizes))], torch.int64, device)  # (L,) level starts
+    heights = host_values([f.shape[2] for f in features], torch.int64, device)
+    widths = host_values([f.shape[3] for f in features], torch.int64, device)
+    level_scale = host_values(scales, dtype, device)
     height, width = heights[levels], widths[levels]  # (K,)
     base = first_row[levels] + rois[:, 0].long() * height * width
     table = feature_table(features, dtype) if table is None else table

@@ -41,7 +41,7 @@ def yolact_priors(feature_sizes: Sequence[tuple[int, int]], scales: Sequence[flo
         grid[..., 2] = torch.tensor(ws, dtype=torch.float64)
         grid[..., 3] = torch.tensor(hs, dtype=torch.float64)
         levels.append(grid.reshape(H * W * A, 4))  # (H*W*A, 4), rows ordered (y, x, anchor)
-    return torch.cat(levels).to(device=device, dtype=torch.float32)
+    return torch.cat(levels).float().to(device=device, non_blocking=True)  # host to GPU without a sync
 
 
 def decode_yolact(loc: torch.Tensor, priors_cxcywh: torch.Tensor, variances: tuple[float, float] = (0.1, 0.2)) -> torch.Tensor:
