@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
+from minseg.ops import forms
 
 
 def reference(scores, labels, masks, semantic, cfg):
@@ -34,8 +35,11 @@ def reference(scores, labels, masks, semantic, cfg):
     return panoptic, segments
 
 
+@pytest.mark.parametrize("gpu_form", [False, True])
 @pytest.mark.parametrize("seed", range(40))
-def test_fusion_matches_one_at_a_time(seed):
+def test_fusion_matches_one_at_a_time(seed, gpu_form, monkeypatch):
+    """Both forms: one instance at a time (the CPU's) and the dense fixpoint (GPUs'), run here on the CPU."""
+    monkeypatch.setattr(forms, "launch_bound", lambda t: gpu_form)
     g = torch.Generator().manual_seed(seed)
     K, H, W = int(torch.randint(0, 12, (1,), generator=g)), 40, 50
     scores = torch.rand(K, generator=g)
@@ -52,3 +56,21 @@ def test_fusion_matches_one_at_a_time(seed):
     expected_panoptic, expected_segments = reference(scores, labels, masks, semantic, cfg)
     assert panoptic.dtype == torch.int32 and torch.equal(panoptic, expected_panoptic)
     assert segments == expected_segments
+
+
+@pytest.mark.parametrize("overlap_thresh", [0.2, 0.5, 0.8])
+def test_fixpoint_form_on_crowded_instances(overlap_thresh, monkeypatch):
+    """60 heavily overlapping instances: long chains of decisions that depend on earlier ones."""
+    monkeypatch.setattr(forms, "launch_bound", lambda t: True)
+    g = torch.Generator().manual_seed(int(overlap_thresh * 10))
+    K, H, W = 60, 30, 30
+    masks = torch.zeros(K, H, W, dtype=torch.bool)
+    for k, (x, y, w, h) in enumerate(torch.randint(0, 20, (K, 4), generator=g).tolist()):
+        masks[k, y:y + h + 3, x:x + w + 3] = True
+    scores, labels = torch.rand(K, generator=g) * 0.5 + 0.5, torch.randint(0, 80, (K,), generator=g)
+    semantic = torch.zeros(H, W, dtype=torch.int64)
+    cfg = FusionConfig(overlap_thresh=overlap_thresh)
+    panoptic, segments = combine_semantic_and_instances(scores, labels, masks, semantic, cfg)
+    expected_panoptic, expected_segments = reference(scores, labels, masks, semantic, cfg)
+    assert torch.equal(panoptic, expected_panoptic) and segments == expected_segments
+    assert 1 < len(segments) < K

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from minseg.ops import forms
+
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -17,6 +19,53 @@ class FusionConfig:
     overlap_thresh: float = 0.5           # skip an instance when more than this fraction of its mask is taken
     stuff_area_thresh: int = 4096         # skip a stuff class with fewer free pixels than this (output resolution)
     things_label: int = 0                 # semantic class that stands for "any thing"
+
+
+def _place_things_one_at_a_time(masks: torch.Tensor, order: list[int], overlap_thresh: float,
+                                panoptic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Instances `order` of masks Tensor[K, H, W] bool, best first, onto panoptic Tensor[H, W] int32 (all 0):
+    each is skipped when empty or when more than overlap_thresh of it is taken already, else it takes its free
+    pixels under the next id. Returns (panoptic, kept Tensor[len(order)] bool). No host read per instance."""
+    areas = masks.flatten(1).sum(1).double()  # (K,)
+    next_id = torch.zeros((), dtype=torch.int32, device=panoptic.device)
+    kept = []
+    for i in order:
+        mask = masks[i]
+        overlap = (mask & (panoptic > 0)).sum().double()
+        # float64, as the original's Python floats; an empty mask is skipped
+        keep = (areas[i] > 0) & ~(overlap / areas[i] > overlap_thresh)
+        next_id = next_id + keep
+        panoptic = torch.where(mask & (panoptic == 0) & keep, next_id, panoptic)  # only the free part of the mask
+        kept.append(keep)
+    return panoptic, torch.stack(kept) if kept else torch.zeros(0, dtype=torch.bool, device=panoptic.device)
+
+
+def _place_things_fixpoint(masks: torch.Tensor, order: list[int], overlap_thresh: float,
+                           panoptic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same decisions in a few dense steps (the GPU form: a kernel per step, not per instance).
+
+    Instance j's decision depends only on the decisions before it (on which pixels kept instances i < j took),
+    so iterating "decide every instance from the current guess", starting from "keep every non-empty one",
+    fixes at least one more decision per step and stops at the one-at-a-time result (as Cluster-NMS does for
+    NMS). Costs (n, H, W) temporaries per step; on the CPU one at a time is faster.
+    """
+    n = len(order)
+    if n == 0:
+        return panoptic, torch.zeros(0, dtype=torch.bool, device=panoptic.device)
+    ranked = masks[forms.host_values(order, torch.int64, masks.device)]  # (n, H, W) best first
+    areas = ranked.flatten(1).sum(1).double()  # (n,)
+    rank = torch.arange(n, device=masks.device)[:, None, None]
+    keep = areas > 0
+    while True:
+        taken = ranked & keep[:, None, None]  # (n, H, W)
+        owner = torch.where(taken.any(0), taken.view(torch.uint8).argmax(0), n)  # (H, W) first kept instance
+        overlap = (ranked & (owner < rank)).flatten(1).sum(1).double()  # pixels taken by better kept ones
+        decided = (areas > 0) & ~(overlap / areas > overlap_thresh)
+        if torch.equal(decided, keep):
+            break
+        keep = decided
+    ids = torch.cumsum(keep, 0, dtype=torch.int32)  # (n,) segment id of each kept instance
+    return torch.where(owner < n, ids[owner.clamp(max=n - 1)], panoptic), keep
 
 
 def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
@@ -32,26 +81,16 @@ def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, m
     masks = masks.to(dtype=torch.bool, device=panoptic.device)
 
     # things, best first; kept: argsort is not stable, as in the original, so exact ties keep torch's order.
-    # Each decision stays on the device (no host read per instance): the scores are read once before, the
-    # decisions once after.
+    # The scores are read once; the decisions stay on the device until they are all made.
     order = torch.argsort(-scores)
     sorted_scores = scores[order].tolist()
     count = next((j for j, s in enumerate(sorted_scores) if s < cfg.instances_score_thresh), len(sorted_scores))
     order = order[:count].tolist()
-    areas = masks.flatten(1).sum(1).double()  # (K,)
-    next_id = torch.zeros((), dtype=torch.int32, device=panoptic.device)
-    kept = []
-    for i in order:
-        mask = masks[i]
-        overlap = (mask & (panoptic > 0)).sum().double()
-        # float64, as the original's Python floats; an empty mask is skipped
-        keep = (areas[i] > 0) & ~(overlap / areas[i] > cfg.overlap_thresh)
-        next_id = next_id + keep
-        panoptic = torch.where(mask & (panoptic == 0) & keep, next_id, panoptic)  # only the free part of the mask
-        kept.append(keep)
+    place = _place_things_fixpoint if forms.launch_bound(panoptic) else _place_things_one_at_a_time
+    panoptic, kept = place(masks, order, cfg.overlap_thresh, panoptic)
     segments: list[dict] = []
     labels_host = labels.tolist()
-    for j, keep in enumerate(torch.stack(kept).tolist() if kept else []):
+    for j, keep in enumerate(kept.tolist()):
         if keep:
             i = order[j]
             segments.append({"id": len(segments) + 1, "isthing": True, "score": sorted_scores[j],
