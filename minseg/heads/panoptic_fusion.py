@@ -3,6 +3,8 @@
 Follows detectron2 modeling/meta_arch/panoptic_fpn.py (combine_semantic_and_instance_outputs), itself the heuristic
 of panopticapi's combine_semantic_and_instance_predictions.py: things are laid down by descending score, each
 skipped when mostly covered already; then each stuff class fills what is left when enough of it remains.
+On GPUs (`forms.launch_bound`) the things' decisions come from a few dense steps instead of one instance at a
+time; the result is the same.
 """
 from __future__ import annotations
 
