@@ -15,6 +15,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from minseg_ref.bench import sync
+
 
 def workloads(device: str) -> dict:
     """name -> function() -> {"ours": fn, "original": fn} (built lazily: the models take a while)."""
@@ -37,21 +39,16 @@ def workloads(device: str) -> dict:
             "roi_align_7x7_sr2": lambda: roi(2, False), "roi_align_7x7_sr0": lambda: roi(0, True), "nms_1000": nms}
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def profile_call(fn, device: str, rows: int) -> str:
     """One warm-up call, then one profiled call: a summary line and the top `rows` ops."""
     with torch.inference_mode():
         fn()
-        _sync(device)
+        sync(device)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             wall = (time.perf_counter() - start) * 1000
     events = prof.key_averages()
     host = sum(e.self_cpu_time_total for e in events) / 1000
