@@ -33,7 +33,7 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
-from minseg.ops.forms import host_values
+from minseg.ops.forms import device_scalar, host_values
 from minseg.ops.masks import paste_masks_torchvision
 
 
@@ -115,8 +115,8 @@ def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[i
     """Detections at the resized scale -> boxes scaled to the original (h, w) (float32 ratios, as torchvision's
     resize_boxes) and masks pasted there as Tensor[K, 1, h, w] probabilities."""
     boxes = det["boxes"]
-    def scalar(n: int) -> Tensor:  # a fill on the device, not a (synchronising) copy from the host
-        return torch.full((), float(n), dtype=torch.float32, device=boxes.device)
+    def scalar(n: int) -> Tensor:
+        return device_scalar(float(n), boxes, torch.float32)
 
     ratio_h, ratio_w = scalar(original[0]) / scalar(size[0]), scalar(original[1]) / scalar(size[1])
     x1, y1, x2, y2 = boxes.unbind(1)

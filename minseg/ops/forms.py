@@ -7,7 +7,7 @@ torchvision's CUDA kernel is not bitwise its CPU kernel either), NMS decides up 
 detectron2-style mask pasting computes fewer, more padded groups, and panoptic fusion decides all instances
 in a few dense steps. Results agree to float32 rounding (NMS, pasting and fusion: exactly).
 Tests and `minseg_ref.dispatch_count` replace `launch_bound` to run the GPU forms on the CPU.
-`host_values` brings small constants to a GPU without a synchronisation.
+`device_scalar` and `host_values` bring constants to a GPU without a synchronisation.
 """
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ from torch import Tensor
 def launch_bound(t: Tensor) -> bool:
     """True where `t` lives, ops should take few large steps (GPUs); False on the CPU."""
     return t.device.type != "cpu"
+
+
+def device_scalar(value: float, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """`value` as a 0-dim tensor on `like`'s device (in `like`'s dtype unless given), made by a fill there: no
+    host-to-device copy. Divide by it rather than by a Python number: CUDA divides by a Python number as a
+    multiplication by its reciprocal (not correctly rounded), which moves RoIAlign's bin sizes by an ulp."""
+    return torch.full((), value, dtype=dtype or like.dtype, device=like.device)
 
 
 def host_values(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:

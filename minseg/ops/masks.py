@@ -48,7 +48,7 @@ def _resize_taps(out_pos: Tensor, out_size: Tensor, in_size: int) -> tuple[Tenso
     - .5 (one fused multiply-add in the AVX2 kernel, reproduced in float64), clamped at 0; i0 = floor(src)
     capped at in - 1; lambda = src - i0 clamped to [0, 1].
     """
-    scale = torch.full((), float(in_size), dtype=torch.float32, device=out_pos.device) / out_size.float()
+    scale = forms.device_scalar(float(in_size), out_pos, torch.float32) / out_size.float()
     src = (scale.double() * (out_pos.float() + 0.5).double() - 0.5).float().clamp(min=0)
     i0 = src.floor().clamp(max=in_size - 1)
     lam = (src - i0).clamp(0, 1)

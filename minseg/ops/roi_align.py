@@ -35,16 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minseg.ops import forms
+from minseg.ops.forms import device_scalar
 
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
 _MAX_VALUES = 1 << 22  # products per group of bins: taps * C (Tensor[4, S, C], kept within the CPU caches)
-
-
-def _scalar(n: int, like: Tensor) -> Tensor:
-    """n as a 0-dim tensor on `like`'s device, to divide by: CUDA divides by a Python number as a multiplication by
-    its reciprocal (not correctly rounded), which moves bin sizes by an ulp and samples by up to ~1e-4 on
-    unit-scale features. `full`, not `tensor`: no host-to-device copy."""
-    return torch.full((), n, dtype=like.dtype, device=like.device)
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -129,7 +123,7 @@ def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:  # kept: malformed RoIs are forced to 1x1
         roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    return y1, x1, roi_h / _scalar(P[0], roi_h), roi_w / _scalar(P[1], roi_w), roi_h, roi_w
+    return y1, x1, roi_h / device_scalar(P[0], roi_h), roi_w / device_scalar(P[1], roi_w), roi_h, roi_w
 
 
 def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
@@ -156,7 +150,7 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     M, G, C = K * Ph * Pw, g * g, table.shape[1]
     if forms.launch_bound(table):  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
-        return sums.div_(_scalar(max(G, 1), sums))
+        return sums.div_(device_scalar(max(G, 1), sums))
     idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
     wts = wts.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
@@ -164,7 +158,7 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     for b in range(0, M, B):
         sums[b:b + B] = _sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
                                      [min(B, M - b)] * G)
-    return sums.div_(_scalar(max(G, 1), sums))
+    return sums.div_(device_scalar(max(G, 1), sums))
 
 
 def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
@@ -181,8 +175,8 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     K = rois.shape[0]
     Ph, Pw = P
     y1, x1, bin_h, bin_w, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    gh = torch.ceil(roi_h / _scalar(Ph, roi_h)).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
-    gw = torch.ceil(roi_w / _scalar(Pw, roi_w)).long().clamp(min=0)
+    gh = torch.ceil(roi_h / device_scalar(Ph, roi_h)).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
+    gw = torch.ceil(roi_w / device_scalar(Pw, roi_w)).long().clamp(min=0)
     gh_host, gw_host = torch.stack((gh, gw)).tolist()  # host read: the shapes below
     n_host = [a * b for a, b in zip(gh_host, gw_host)]  # samples per bin of each RoI
     Sy, Sx, S = Ph * sum(gh_host), Pw * sum(gw_host), Ph * Pw * sum(n_host)
@@ -250,7 +244,7 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
 def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
     """Split RoIs into runs of at most _MAX_ENTRIES sample taps (one host read; a second when splitting)."""
     _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    grid_h, grid_w = torch.ceil(roi_h / _scalar(P[0], roi_h)), torch.ceil(roi_w / _scalar(P[1], roi_w))
+    grid_h, grid_w = torch.ceil(roi_h / device_scalar(P[0], roi_h)), torch.ceil(roi_w / device_scalar(P[1], roi_w))
     samples_per_bin = grid_h.clamp(min=0) * grid_w.clamp(min=0)
     entries = (4 * P[0] * P[1]) * samples_per_bin
     K = rois.shape[0]
