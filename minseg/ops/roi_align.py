@@ -20,7 +20,7 @@ multiply-adds), three adds for the sample values, then one add per sample slot i
 reduction kernel is used: those reorder. Groups are sized so their products stay in the CPU caches. In the
 adaptive case bins are sorted by sample count, so slot j is an add over a prefix of a group's bins and no bin
 adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device synchronisation; the
-adaptive case reads its sample counts to the host (shapes depend on them).
+adaptive case reads its sample counts to the host, once per call (shapes depend on them).
 
 On GPUs (`forms.launch_bound`) the same taps go through one `F.embedding_bag` in "sum" mode with a bag of
 taps per bin: a fused gather and weighted sum, in the GPU's own order (as torchvision's CUDA kernel is not
@@ -169,15 +169,23 @@ def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
     return owner, local
 
 
+def _adaptive_grid(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, Tensor]:
+    """Samples per bin along y and x of each RoI, ceil(roi_size / P): Tensor[K] int64 each (0 when aligned and
+    the RoI is empty)."""
+    _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
+    return (torch.ceil(roi_h / device_scalar(P[0], roi_h)).long().clamp(min=0),
+            torch.ceil(roi_w / device_scalar(P[1], roi_w)).long().clamp(min=0))
+
+
 def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-                   P: tuple[int, int], aligned: bool) -> Tensor:
-    """Per-RoI grid ceil(roi_size / P) per axis. Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
+                   P: tuple[int, int], aligned: bool, grid: tuple[Tensor, Tensor],
+                   grid_host: tuple[list[int], list[int]]) -> Tensor:
+    """Per-RoI grid ceil(roi_size / P) per axis (`_adaptive_grid`, on the device and read to the host: the
+    shapes below depend on it). Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
     K = rois.shape[0]
     Ph, Pw = P
-    y1, x1, bin_h, bin_w, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    gh = torch.ceil(roi_h / device_scalar(Ph, roi_h)).long().clamp(min=0)  # (K,) 0 when aligned and the RoI is empty
-    gw = torch.ceil(roi_w / device_scalar(Pw, roi_w)).long().clamp(min=0)
-    gh_host, gw_host = torch.stack((gh, gw)).tolist()  # host read: the shapes below
+    y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
+    (gh, gw), (gh_host, gw_host) = grid, grid_host
     n_host = [a * b for a, b in zip(gh_host, gw_host)]  # samples per bin of each RoI
     Sy, Sx, S = Ph * sum(gh_host), Pw * sum(gw_host), Ph * Pw * sum(n_host)
     dtype = y1.dtype
@@ -241,22 +249,16 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], sums.div_(count))  # RoI order
 
 
-def _adaptive_chunks(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> list[tuple[int, int]]:
-    """Split RoIs into runs of at most _MAX_ENTRIES sample taps (one host read; a second when splitting)."""
-    _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    grid_h, grid_w = torch.ceil(roi_h / device_scalar(P[0], roi_h)), torch.ceil(roi_w / device_scalar(P[1], roi_w))
-    samples_per_bin = grid_h.clamp(min=0) * grid_w.clamp(min=0)
-    entries = (4 * P[0] * P[1]) * samples_per_bin
-    K = rois.shape[0]
-    if float(entries.sum()) <= _MAX_ENTRIES:
-        return [(0, K)]
-    chunks, start, used = [], 0, 0.0
-    for k, n in enumerate(entries.tolist()):
+def _adaptive_chunks(gh_host: list[int], gw_host: list[int], P: tuple[int, int]) -> list[tuple[int, int]]:
+    """Split RoIs, given their grids, into runs of at most _MAX_ENTRIES sample taps."""
+    chunks, start, used = [], 0, 0
+    for k, (a, b) in enumerate(zip(gh_host, gw_host)):
+        n = 4 * P[0] * P[1] * a * b  # taps of RoI k
         if k > start and used + n > _MAX_ENTRIES:
             chunks.append((start, k))
-            start, used = k, 0.0
+            start, used = k, 0
         used += n
-    return chunks + [(start, K)]
+    return chunks + [(start, len(gh_host))]
 
 
 def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
@@ -275,9 +277,12 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
                          for s in range(0, K, step)])
-    else:
-        out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned)
-                         for s, e in _adaptive_chunks(rois, scale, P, aligned)])
+    else:  # every RoI's grid read to the host once: chunks and shapes depend on it
+        gh, gw = _adaptive_grid(rois, scale, P, aligned)
+        gh_host, gw_host = torch.stack((gh, gw)).tolist()
+        out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned,
+                                        (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
+                         for s, e in _adaptive_chunks(gh_host, gw_host, P)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
