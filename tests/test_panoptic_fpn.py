@@ -389,3 +389,34 @@ def test_cuda_float16_autocast_runs(model):
     model.cpu()
     assert out["panoptic_seg"].shape == (35, 48) and out["panoptic_seg"].dtype == torch.int32
     assert out["instances"]["masks"].dtype == torch.bool and out["instances"]["masks"].is_cuda
+
+
+def test_non_finite_candidates_are_dropped_as_detectron2_does():
+    """detectron2 drops proposals with an inf/NaN box or score before anything else (an infinite coordinate
+    would clip to a finite one): selecting from candidates with such rows equals selecting from the rest."""
+    from minseg.heads.roi_heads import RoIHeads
+    from minseg.heads.rpn import RPN
+    from minseg.models.panoptic_fpn import DETECTRON2_RPN, detectron2_roi_heads
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(60, 2, generator=g) * 80
+    boxes = torch.cat((xy, xy + 5 + torch.rand(60, 2, generator=g) * 40), dim=1)
+    scores, levels = torch.randn(60, generator=g), torch.randint(0, 3, (60,), generator=g)
+    boxes[3, 2], boxes[7, 0], scores[11] = float("inf"), float("nan"), float("nan")
+    finite = torch.ones(60, dtype=torch.bool)
+    finite[[3, 7, 11]] = False
+    rpn = RPN(DETECTRON2_RPN)
+    ours = rpn.select(boxes, scores, levels, (96, 128), 1000)
+    theirs = rpn.select(boxes[finite], scores[finite], levels[finite], (96, 128), 1000)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("boxes", "scores"))
+
+    heads = RoIHeads(detectron2_roi_heads(num_classes=3))
+    class_boxes = boxes.repeat(1, 3)  # (60, 3 * 4): one box per class
+    probs = torch.rand(60, 4, generator=g).softmax(dim=1) * 4
+    probs[20, 1] = float("inf")
+    finite = torch.isfinite(class_boxes).all(dim=1)  # rows 3 and 7
+    finite[20] = False
+    ours = heads.select(class_boxes, probs, (96, 128))
+    theirs = heads.select(class_boxes[finite], probs[finite], (96, 128))
+    assert len(ours["boxes"]) > 0
+    assert all(torch.equal(ours[k], theirs[k]) for k in ("boxes", "scores", "labels"))

@@ -181,9 +181,7 @@ class RoIHeads(nn.Module):
     def select(self, boxes: Tensor, probs: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
         """One image: boxes Tensor[R, B*4], class probabilities Tensor[R, K+1] -> kept detections."""
         cfg = self.cfg
-        if cfg.drop_nonfinite:
-            ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1)
-            boxes, probs = boxes[ok], probs[ok]
+        finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1) if cfg.drop_nonfinite else None
         R = boxes.shape[0]
         boxes = clip_boxes_to_image(boxes.reshape(R, -1, 4), size)                   # (R, B, 4)
         labels = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
@@ -191,11 +189,14 @@ class RoIHeads(nn.Module):
             boxes, scores, labels = boxes[:, 1:], probs[:, 1:], labels[:, 1:]       # labels 1..K
         else:
             scores, labels = probs[:, :-1], labels[:, :-1]                          # labels 0..K-1
-        # every (proposal, class) pair is a candidate, proposal-major as in both originals
-        boxes, scores, labels = boxes.reshape(-1, 4), scores.reshape(-1), labels.reshape(-1)
-        keep = scores > cfg.score_thresh
+        keep = scores > cfg.score_thresh                                            # (R, K)
         if cfg.min_size is not None:
-            keep &= ((boxes[:, 2] - boxes[:, 0]) >= cfg.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= cfg.min_size)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            ws, hs = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+            keep &= (ws >= cfg.min_size) & (hs >= cfg.min_size)
+        if finite is not None:  # checked before clipping: an infinite coordinate clips to a finite one
+            keep &= finite[:, None]
+        # every (proposal, class) pair is a candidate, proposal-major as in both originals; one host read
+        keep = torch.where(keep.reshape(-1))[0]
+        boxes, scores, labels = boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep]
         keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

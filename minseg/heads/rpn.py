@@ -139,17 +139,17 @@ class RPN(nn.Module):
                post_nms_top_n: int) -> dict[str, Tensor]:
         """One image's candidates Tensor[K, 4], Tensor[K], levels Tensor[K] -> kept proposals."""
         cfg = self.cfg
-        if cfg.drop_nonfinite:
-            ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
-            boxes, scores, levels = boxes[ok], scores[ok], levels[ok]
-        boxes = clip_boxes_to_image(boxes, size)
-        ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        clipped = clip_boxes_to_image(boxes, size)
+        ws, hs = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
         if cfg.min_size_strict:
             keep = (ws > cfg.min_size) & (hs > cfg.min_size)
         else:
             keep = (ws >= cfg.min_size) & (hs >= cfg.min_size)
         if cfg.score_thresh is not None:
             keep &= scores >= cfg.score_thresh  # kept: >=, torchvision's "backwards compatibility"
-        boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
+        if cfg.drop_nonfinite:  # on the unclipped boxes: an infinite coordinate clips to a finite one
+            keep &= torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
+        keep = torch.where(keep)[0]  # one host read for the three selections
+        boxes, scores, levels = clipped[keep], scores[keep], levels[keep]
         keep = batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_nms_top_n]
         return {"boxes": boxes[keep], "scores": scores[keep]}

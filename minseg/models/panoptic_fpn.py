@@ -154,7 +154,7 @@ def detector_postprocess(det: dict[str, torch.Tensor], size: tuple[int, int], he
     x1, y1, x2, y2 = boxes.unbind(1)
     boxes = torch.stack([x1.clamp(min=0, max=width), y1.clamp(min=0, max=height),
                          x2.clamp(min=0, max=width), y2.clamp(min=0, max=height)], dim=-1)
-    keep = ((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0)
+    keep = torch.where(((boxes[:, 2] - boxes[:, 0]) > 0) & ((boxes[:, 3] - boxes[:, 1]) > 0))[0]
     boxes, probs = boxes[keep], det["mask_probs"][keep]
     masks = paste_masks_detectron2(probs[:, 0], boxes, (height, width), mask_threshold)
     return {"boxes": boxes, "scores": det["scores"][keep], "labels": det["labels"][keep], "masks": masks}

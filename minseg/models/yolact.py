@@ -97,7 +97,7 @@ class Yolact(nn.Module):
         for b in range(conf.shape[0]):
             boxes = decode_yolact(outputs["loc"][b], outputs["priors"])
             scores = conf[b, 1:, :]  # (C-1, P), background dropped
-            keep = scores.max(dim=0).values > cfg.conf_thresh
+            keep = torch.where(scores.max(dim=0).values > cfg.conf_thresh)[0]
             scores, boxes, coeffs = scores[:, keep], boxes[keep], outputs["mask"][b, keep]
             if cfg.cross_class_nms:
                 index, labels, scores = cross_class_fast_nms(boxes, scores, cfg.nms_thresh, cfg.top_k)

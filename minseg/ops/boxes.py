@@ -160,9 +160,11 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
                 break
             k = new_k
         keep[start:stop] = k
-        kept = torch.cat((kept, blk[:, k]), dim=1)
-        if labels is not None:
-            kept_labels = torch.cat((kept_labels, blk_labels[k]))
+        if stop < N:  # the next blocks compare with this block's kept boxes
+            k = torch.where(k)[0]
+            kept = torch.cat((kept, blk[:, k]), dim=1)
+            if labels is not None:
+                kept_labels = torch.cat((kept_labels, blk_labels[k]))
     return keep
 
 

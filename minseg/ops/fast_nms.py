@@ -41,10 +41,10 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     candidates = boxes[order.view(-1), :].view(C, D, 4)  # (C, D, 4)
 
     iou = box_iou(candidates, candidates).triu_(diagonal=1)  # only pairs (higher-scored i, lower j)
-    keep = iou.max(dim=1).values <= iou_threshold  # (C, D)
+    survives = iou.max(dim=1).values <= iou_threshold  # (C, D)
 
-    classes = torch.arange(C, device=boxes.device)[:, None].expand_as(keep)[keep]  # class-major flatten
-    order, scores = order[keep], scores[keep]
+    keep = torch.where(survives.view(-1))[0]  # class-major flat positions
+    classes, order, scores = keep // D, order.view(-1)[keep], scores.reshape(-1)[keep]
     scores, best = scores.sort(0, descending=True)
     best = best[:max_detections]
     return order[best], classes[best], scores[:max_detections]
