@@ -194,8 +194,8 @@ def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     order = scores.sort(dim=0, descending=True, stable=True)[1]
     order = order[idxs[order].sort(stable=True)[1]]  # grouped by class, by score inside a class
     keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), labels=idxs[order])
-    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
-    keep_mask[order[keep]] = True
+    keep_mask = torch.empty_like(scores, dtype=torch.bool)
+    keep_mask[order] = keep  # order is a permutation: every box gets its decision
     kept = torch.where(keep_mask)[0]
     # kept: torchvision orders the result with the default (unstable) sort, so ties may interleave classes
     return kept[scores[kept].sort(descending=True)[1]]
