@@ -98,15 +98,16 @@ def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, m
             segments.append({"id": len(segments) + 1, "isthing": True, "score": sorted_scores[j],
                              "category_id": labels_host[i], "instance_id": i})
 
-    # stuff, in ascending class order, on whatever the things left free (stuff classes do not overlap, so each
-    # one's free area can be counted before any is laid down)
+    # stuff, in ascending class order, on whatever the things left free. Stuff classes do not overlap, so each
+    # one's free area can be counted before any is laid down, and all are laid down at once by a class -> id table
     present = torch.unique(semantic).tolist()
     free = torch.where(panoptic == 0, semantic + 1, 0).flatten()  # 0: taken by a thing
     free_area = torch.bincount(free, minlength=max(present, default=0) + 2).tolist()
+    stuff_id = [0] * (len(free_area) - 1)  # semantic class -> segment id, 0: not laid down
     for label in present:
         if label == cfg.things_label or free_area[label + 1] < cfg.stuff_area_thresh:
             continue
-        segment_id = len(segments) + 1
-        panoptic = torch.where((semantic == label) & (panoptic == 0), segment_id, panoptic)
-        segments.append({"id": segment_id, "isthing": False, "category_id": label, "area": free_area[label + 1]})
-    return panoptic, segments
+        stuff_id[label] = len(segments) + 1
+        segments.append({"id": stuff_id[label], "isthing": False, "category_id": label, "area": free_area[label + 1]})
+    stuff = forms.host_values(stuff_id, torch.int32, panoptic.device)[semantic]  # (H, W)
+    return torch.where(panoptic == 0, stuff, panoptic), segments
