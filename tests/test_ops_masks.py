@@ -87,6 +87,24 @@ def test_torchvision_paste_realistic():
                        __import__("torchvision").models.detection.roi_heads.expand_boxes(boxes, 30 / 28))
 
 
+def test_torchvision_paste_inverted_and_degenerate_boxes():
+    """An inverted box is resized to 1 pixel but pasted over an empty extent (nothing); a box one pixel wide or
+    of zero width gets one column, as in torchvision."""
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(6, 1, 28, 28, generator=g) + 0.1
+    boxes = torch.tensor([[100.3, 50.0, 99.9, 80.0],    # x2 < x1 by less than a pixel
+                          [60.0, 90.0, 20.0, 10.0],     # inverted on both axes
+                          [30.0, 40.0, 30.0, 70.0],     # zero width
+                          [10.0, 20.0, 11.0, 20.5],     # about one pixel
+                          [5.0, 5.0, 50.0, 2.0],        # y2 < y1
+                          [0.0, 0.0, 119.0, 119.0]])    # the whole image
+    for padding in (0, 1, 2):
+        ours = mo.paste_masks_torchvision(masks, boxes, (120, 120), padding)
+        expected = torchvision_paste(masks, boxes, (120, 120), padding)
+        torch.testing.assert_close(ours, expected, rtol=0, atol=2.5e-7)
+        assert torch.equal(ours == 0, expected == 0)
+
+
 def test_torchvision_paste_in_float32_whatever_the_settings():
     """The matrix products of the paste run in full float32 under autocast and reduced-precision matmul
     settings, and leave the setting as it was."""

@@ -56,18 +56,20 @@ def _resize_taps(out_pos: Tensor, out_size: Tensor, in_size: int) -> tuple[Tenso
     return i0, i0 + (i0 < in_size - 1).long(), 1 - lam, lam
 
 
-def _resize_matrix(start: Tensor, size: Tensor, length: int, in_size: int) -> Tensor:
+def _resize_matrix(start: Tensor, stop: Tensor, length: int, in_size: int) -> Tensor:
     """A bilinear resize and its placement in the image as one matrix per mask.
 
-    Masks of `in_size` pixels along one axis are resized to `size` (Tensor[N] int64) and placed at `start`
-    (Tensor[N] int64) on an image axis of `length` pixels. Returns Tensor[N, length, in_size] float32 whose
-    row p holds the weights of the source pixels for image pixel p (`_resize_taps`: at most two non-zero);
-    rows outside [start, start + size) are zero. Where both taps are the last source pixel their weights are
-    summed, which matters only for unpadded masks (the padded mask's last pixel is zero).
+    Masks of `in_size` pixels along one axis are resized to stop - start pixels (at least 1, as torchvision's
+    max(w, 1)) and placed on [start, stop) (Tensor[N] int64 each, empty when stop <= start) of an image axis of
+    `length` pixels. Returns Tensor[N, length, in_size] float32 whose row p holds the weights of the source
+    pixels for image pixel p (`_resize_taps`: at most two non-zero); rows outside [start, stop) are zero.
+    Where both taps are the last source pixel their weights are summed, which matters only for unpadded masks
+    (the padded mask's last pixel is zero).
     """
     pos = torch.arange(length, device=start.device) - start[:, None]  # (N, length) position in the resized mask
-    i0, i1, w0, w1 = _resize_taps(pos, size[:, None], in_size)
-    outside = (pos < 0) | (pos >= size[:, None])
+    extent = (stop - start)[:, None]
+    i0, i1, w0, w1 = _resize_taps(pos, extent.clamp(min=1), in_size)
+    outside = (pos < 0) | (pos >= extent)
     matrix = torch.zeros(*pos.shape, in_size, device=start.device)
     matrix.scatter_add_(2, i0[..., None], w0.masked_fill(outside, 0)[..., None])
     matrix.scatter_add_(2, i1[..., None], w1.masked_fill(outside, 0)[..., None])
@@ -106,9 +108,9 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int
     Mp = padded.shape[-1]
     box = expand_boxes(boxes, float(M + 2 * padding) / M).to(torch.int64)  # kept: truncation, as the int cast
     x0, y0, x1, y1 = box.unbind(1)
-    # the mask resized to (y1 - y0 + 1) x (x1 - x0 + 1) sits at (x0, y0)
-    rows = _resize_matrix(y0, (y1 - y0 + 1).clamp(min=1), H, Mp)  # (N, H, Mp)
-    columns = _resize_matrix(x0, (x1 - x0 + 1).clamp(min=1), W, Mp)  # (N, W, Mp)
+    # the mask resized to (y1 - y0 + 1) x (x1 - x0 + 1) covers [y0, y1] x [x0, x1] (nothing for inverted boxes)
+    rows = _resize_matrix(y0, y1 + 1, H, Mp)  # (N, H, Mp)
+    columns = _resize_matrix(x0, x1 + 1, W, Mp)  # (N, W, Mp)
     with _float32_matmul(masks.device.type):
         along_x = torch.bmm(padded, columns.transpose(1, 2))  # (N, Mp, W): along x on every source row
         pasted = torch.bmm(rows, along_x)  # (N, H, W): then along y
