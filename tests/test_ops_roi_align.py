@@ -219,6 +219,24 @@ def test_multiscale_detectron2_rule_matches_per_level_pooling():
     assert_bitwise(ours, expected)
 
 
+def test_multiscale_boxes_of_negative_area_like_the_originals():
+    """A box inverted on one axis has a NaN size and no level: torchvision's and detectron2's poolers leave its
+    RoI zero. With one level there is no assignment: every box is pooled there, as roi_align pools it."""
+    g = torch.Generator().manual_seed(7)
+    feats = _fpn_features(g)
+    boxes = [torch.cat([_fpn_boxes(g, 6), torch.tensor([[40.0, 10, 20, 50], [10.0, 60, 50, 30]])]),
+             torch.tensor([[60.0, 60, 20, 20], [5.0, 5, 90, 90]])]  # inverted on both axes: positive area
+    names = ["0", "1", "2", "3"]
+    sizes = [(256, 320), (250, 300)]
+    tv = tvo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, sizes)
+    assert_bitwise(mo.MultiScaleRoIAlign(7, 2)(feats, boxes, sizes), tv)
+    assert tv[9:11].abs().sum() == 0 and tv[11:].abs().sum() > 0
+    ours = mo.MultiScaleRoIAlign(7, 0, aligned=True, level_rule="detectron2", scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    assert ours(feats, boxes)[9:11].abs().sum() == 0
+    single = tvo.MultiScaleRoIAlign(["0"], 7, 2)({"0": feats[0]}, boxes, sizes)
+    assert_bitwise(mo.MultiScaleRoIAlign(7, 2)(feats[:1], boxes, sizes), single)
+
+
 def gpu_inputs(seed: int = 5):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 32, 50, 68, generator=g)

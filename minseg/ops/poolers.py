@@ -42,13 +42,16 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     """Pool each RoI from its level.
 
     features: per level Tensor[N, C, H_l, W_l]; rois: Tensor[K, 5] (batch index, xyxy in image pixels);
-    levels: Tensor[K] int64 in [0, len(features)); scales: spatial scale of each level; table: the features'
+    levels: Tensor[K] int64 in [0, len(features)), any other value leaves the RoI zero (a box of negative area
+    has a NaN size and so no level: both originals then pool it nowhere); scales: spatial scale of each level; table: the features'
     `feature_table`, when the caller already made it (to pool the same features twice with one copy).
     Returns Tensor[K, C, Ph, Pw] in the features' dtype.
     """
     dtype = _compute_dtype(features[0].dtype)
     device = rois.device
     rois = rois.to(dtype)
+    assigned = (levels >= 0) & (levels < len(features))  # (K,)
+    levels = levels.clamp(0, len(features) - 1)
     sizes = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
     first_row = host_values([sum(sizes[:l]) for l in range(len(sizes))], torch.int64, device)  # (L,) level starts
     heights = host_values([f.shape[2] for f in features], torch.int64, device)
@@ -58,7 +61,7 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     base = first_row[levels] + rois[:, 0].long() * height * width
     table = feature_table(features, dtype) if table is None else table
     out = _pool(table, rois, base, height, width, level_scale[levels], _pair(output_size), sampling_ratio, aligned)
-    return out.to(features[0].dtype)
+    return out.masked_fill_(~assigned[:, None, None, None], 0).to(features[0].dtype)
 
 
 def infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
@@ -100,7 +103,9 @@ class MultiScaleRoIAlign(nn.Module):
         k_min = int(-torch.log2(torch.tensor(scales[0], dtype=torch.float32)).item())
         k_max = int(-torch.log2(torch.tensor(scales[-1], dtype=torch.float32)).item())
         box_cat = torch.cat(boxes) if isinstance(boxes, (list, tuple)) else rois[:, 1:]
-        if self.level_rule == "torchvision":
+        if len(features) == 1:  # kept: both originals pool a single level without assigning levels
+            levels = torch.zeros(len(box_cat), dtype=torch.int64, device=box_cat.device)
+        elif self.level_rule == "torchvision":
             levels = assign_levels_torchvision(box_cat, k_min, k_max, self.canonical_scale, self.canonical_level)
         else:
             levels = assign_levels_detectron2(box_cat, k_min, k_max, self.canonical_scale, self.canonical_level)
