@@ -153,6 +153,10 @@ def test_roi_align_non_finite_features_like_torchvision():
 def test_roi_align_empty_and_gradient():
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64, requires_grad=True)
     assert mo.roi_align(x, torch.zeros(0, 5, dtype=torch.float64), 3).shape == (0, 2, 3, 3)
+    one = torch.tensor([[0, 1.0, 1.0, 4.0, 4.0]])
+    for sr in (2, 0):  # no channels, or an output side of 0: empty, as torchvision
+        assert mo.roi_align(torch.randn(1, 0, 5, 6), one, 2, 1.0, sr).shape == (1, 0, 2, 2)
+        assert mo.roi_align(torch.randn(1, 2, 5, 6), one, (0, 3), 1.0, sr).shape == (1, 2, 0, 3)
     rois = torch.tensor([[0, 0.3, 0.2, 4.1, 3.9], [0, -1.0, 1.0, 2.0, 7.0]], dtype=torch.float64)
     for sr in (2, 0):
         assert torch.autograd.gradcheck(lambda t: mo.roi_align(t, rois, 2, 1.0, sr, True), (x,))

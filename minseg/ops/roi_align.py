@@ -270,8 +270,8 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     """
     K, C = rois.shape[0], table.shape[1]
     Ph, Pw = P
-    if K == 0:
-        return table.new_zeros((0, C, Ph, Pw))
+    if K * C * Ph * Pw == 0:  # nothing to pool
+        return table.new_zeros((K, C, Ph, Pw))
     if sampling_ratio > 0:
         step = max(1, _MAX_ENTRIES // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
