@@ -90,6 +90,23 @@ def test_empty_results(pair):
         assert y["masks"].shape == (0, 1, h, w)
 
 
+def test_no_proposals(pair):
+    """The RPN keeps nothing (its score threshold is out of reach): empty results, as torchvision's."""
+    name, ref, ours = pair
+    saved = ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh, ours.transform, ours.rpn.cfg
+    try:
+        ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh = (64,), 107, 1.1
+        ours.transform = replace(ours.transform, min_size=64, max_size=107)
+        ours.rpn.cfg = replace(ours.rpn.cfg, score_thresh=1.1)
+        a, b = run_both(ref, ours, images([(64, 80), (50, 40)], seed=5))
+    finally:
+        ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh, ours.transform, ours.rpn.cfg = saved
+    for x, y, (h, w) in zip(a, b, [(64, 80), (50, 40)]):
+        assert len(x["labels"]) == 0 and len(y["labels"]) == 0
+        assert y["boxes"].shape == (0, 4) and y["scores"].shape == (0,) and y["labels"].dtype == torch.int64
+        assert y["masks"].shape == (0, 1, h, w)
+
+
 MANY = dict(min_size=128, max_size=213, rpn_pre_nms_top_n_test=2000, rpn_post_nms_top_n_test=2000)
 
 

@@ -182,8 +182,8 @@ class RoIHeads(nn.Module):
         """One image: boxes Tensor[R, B*4], class probabilities Tensor[R, K+1] -> kept detections."""
         cfg = self.cfg
         finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(probs).all(dim=1) if cfg.drop_nonfinite else None
-        R = boxes.shape[0]
-        boxes = clip_boxes_to_image(boxes.reshape(R, -1, 4), size)                   # (R, B, 4)
+        R, B = boxes.shape[0], boxes.shape[1] // 4
+        boxes = clip_boxes_to_image(boxes.reshape(R, B, 4), size)                    # (R, B, 4)
         labels = torch.arange(probs.shape[1], device=probs.device).expand_as(probs)
         if cfg.background == "first":
             boxes, scores, labels = boxes[:, 1:], probs[:, 1:], labels[:, 1:]       # labels 1..K
