@@ -62,8 +62,9 @@ def test_hostile_checkpoints_never_run(tmp_path, source, arch):
 
 @pytest.mark.parametrize("content", [b"", b"\0" * 4096, bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)),
                                      b"PK\x03\x04truncated zip"])
-def test_broken_files_refused(tmp_path, content):
-    path = tmp_path / "broken.pth"
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])  # torch.load hands .safetensors to safetensors
+def test_broken_files_refused(tmp_path, content, suffix):
+    path = tmp_path / f"broken{suffix}"
     path.write_bytes(content)
     with pytest.raises(minseg.CheckpointError):
         minseg.convert("torchvision", str(path), arch="fcn_resnet50")

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from minseg.errors import CheckpointError
 from minseg.weights import describe_mismatch, group_keys
@@ -23,7 +24,8 @@ Drop = tuple[str, str]     # (regex, reason)
 
 
 def read_torch_checkpoint(path: str | os.PathLike) -> object:
-    """torch.load(weights_only=True) of a .pth/.pt file (zip or legacy format); CheckpointError on any failure."""
+    """torch.load(weights_only=True) of a .pth/.pt file (zip or legacy format; torch.load hands a .safetensors
+    path to safetensors); CheckpointError on any failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
@@ -35,7 +37,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> object:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint: {first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
-            KeyError, IndexError, ImportError, UnicodeDecodeError) as e:
+            KeyError, IndexError, ImportError, UnicodeDecodeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
 
 
