@@ -43,6 +43,18 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _usable_device(name: str):
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here")
+    return device
+
+
 def cmd_predict(args) -> int:
     import minseg
     from minseg.visualize import save_prediction
@@ -53,13 +65,12 @@ def cmd_predict(args) -> int:
             raise UsageError(f"{p}: no such image file")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"{args.weights}: no such weights file")
+    device = _usable_device(args.device)
+    model = minseg.create_model(args.model, weights=args.weights).to(device)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = minseg.create_model(args.model, weights=args.weights)
-    if args.device != "cpu":
-        model = model.to(args.device)
     for path in images:
         (result,) = model.predict([str(path)])
+        out_dir.mkdir(parents=True, exist_ok=True)  # once there is something to write
         for written in save_prediction(args.model, path, result, out_dir, args.score_threshold):
             print(written)
     return 0

@@ -151,6 +151,9 @@ def test_tiny_and_elongated_images():
     assert out["labels"].shape == (1, 1)
     with pytest.raises(ValueError, match="elongated"):
         model.predict(np.zeros((1, 2000, 3), np.uint8))
+    detector = minseg.create_model("maskrcnn_resnet50_fpn")  # resized by 1333/2000, the short side would be 0 px
+    with pytest.raises(ValueError, match="elongated"):
+        detector.predict(np.zeros((1, 2000, 3), np.uint8))
 
 
 def non_finite_input(name: str):
@@ -200,6 +203,16 @@ def test_cli_bad_images_exit_2(tmp_path):
     r = run_cli("predict", "--model", "fcn_resnet50", str(tmp_path / "text.png"), "--out", str(out))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_cli_bad_device_exit_2(tmp_path):
+    image = tmp_path / "image.png"
+    Image.new("RGB", (8, 8)).save(image)
+    out = tmp_path / "out"
+    for device in ["bogus"] + ([] if torch.cuda.is_available() else ["cuda"]):
+        r = run_cli("predict", "--model", "fcn_resnet50", "--device", device, str(image), "--out", str(out))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert device in r.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("command", ["list", "convert", "predict", "parity", "bench"])

@@ -71,11 +71,15 @@ class MaskRCNN(nn.Module):
         t = self.transform
         check_image_list(images, "a floating-point Tensor[3, H, W] in 0..1")
         resized = []
-        for image in images:
+        for i, image in enumerate(images):
+            H, W = image.shape[1:]
+            scale = resize_scale(H, W, t.min_size, t.max_size)
+            if math.floor(H * scale) < 1 or math.floor(W * scale) < 1:  # torchvision fails inside interpolate
+                raise ValueError(f"image {i} of {H}x{W} is too elongated: resized by {scale:.4g} (shorter side "
+                                 f"towards {t.min_size}, longer at most {t.max_size}) a side would be 0 px; crop it")
             mean = host_values(t.image_mean, image.dtype, image.device)
             std = host_values(t.image_std, image.dtype, image.device)
             image = (image - mean[:, None, None]) / std[:, None, None]
-            scale = resize_scale(image.shape[1], image.shape[2], t.min_size, t.max_size)
             # kept: scale_factor with recompute_scale_factor=True, so the output size is floor(side * scale)
             # and the kernel uses side / output as its step, exactly as torchvision calls it
             image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
