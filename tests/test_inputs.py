@@ -151,9 +151,9 @@ def test_tiny_and_elongated_images():
     assert out["labels"].shape == (1, 1)
     with pytest.raises(ValueError, match="elongated"):
         model.predict(np.zeros((1, 2000, 3), np.uint8))
-    detector = minseg.create_model("maskrcnn_resnet50_fpn")  # resized by 1333/2000, the short side would be 0 px
-    with pytest.raises(ValueError, match="elongated"):
-        detector.predict(np.zeros((1, 2000, 3), np.uint8))
+    for name in ("maskrcnn_resnet50_fpn", "panoptic_fpn_resnet50"):  # resized to a long side of 1333: short 0 px
+        with pytest.raises(ValueError, match="elongated"):
+            minseg.create_model(name).predict(np.zeros((1, 3000, 3), np.uint8))
 
 
 def non_finite_input(name: str):

@@ -111,6 +111,10 @@ class PanopticFPN(nn.Module):
         for image in load_rgb_list(images):
             h, w = image.height, image.width
             newh, neww = resize_shortest_edge(h, w, self.cfg.min_size_test, self.cfg.max_size_test)
+            if min(newh, neww) < 1:
+                raise ValueError(f"image of {w}x{h} is too elongated: resized to shortest side "
+                                 f"{self.cfg.min_size_test}, longest at most {self.cfg.max_size_test}, a side would "
+                                 f"be 0 px; crop it")
             # PIL filters each channel alone, so resizing RGB then flipping equals the original's resize of BGR
             rgb = np.asarray(image.resize((neww, newh), resample=_pil_bilinear()))
             bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1]).astype("float32")).permute(2, 0, 1)
