@@ -108,7 +108,7 @@ def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> 
     acc += 0.0  # the kernel's 0 + sample_0 (turns -0.0 into +0.0)
     start = active[0]
     for m in active[1:]:
-        acc[:m] += val[start:start + m]
+        acc[:m].add_(val[start:start + m])  # (not `acc[:m] += ...`: Python would then copy the slice onto itself)
         start += m
     return acc
 
@@ -290,10 +290,13 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     """Feature maps Tensor[N, C, H_l, W_l] -> one channels-last table Tensor[sum_l N*H_l*W_l, C] of pixel rows.
 
     Level l's rows follow level l-1's; inside a level, row n*H*W + y*W + x holds pixel (y, x) of image n.
-    One transposing copy per level into a preallocated table (a reshape then a cat would copy twice).
+    One transposing copy per level into a preallocated table (a reshape then a cat would copy twice); a single
+    channels-last map of the table's dtype is already a table, and is used as it is.
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
     C = features[0].shape[1]
+    if len(features) == 1 and features[0].dtype == dtype and features[0].is_contiguous(memory_format=torch.channels_last):
+        return features[0].permute(0, 2, 3, 1).reshape(-1, C)  # (N*H*W, C), a view
     table = features[0].new_empty((sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features), C), dtype=dtype)
     start = 0
     for f in features:
