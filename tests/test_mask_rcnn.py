@@ -73,34 +73,23 @@ def test_single_image_and_tiny_images(pair):
         ref.transform.min_size, ref.transform.max_size, ours.transform = saved
 
 
-def test_empty_results(pair):
-    """Nothing passes the score threshold: empty tensors of the right shapes and dtypes, as torchvision's."""
+@pytest.mark.parametrize("stage", ["box head", "rpn"])
+def test_empty_results(pair, stage):
+    """Nothing passes the box head's score threshold, or the RPN keeps no proposal at all (its threshold out of
+    reach): empty tensors of the right shapes and dtypes, as torchvision's."""
     name, ref, ours = pair
-    saved = ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh, ours.transform, ours.roi_heads.cfg
+    if stage == "box head":
+        ref_head, our_head, thresh = ref.roi_heads, ours.roi_heads, 0.9999
+    else:
+        ref_head, our_head, thresh = ref.rpn, ours.rpn, 1.1
+    saved = ref.transform.min_size, ref.transform.max_size, ref_head.score_thresh, ours.transform, our_head.cfg
     try:
-        ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh = (64,), 107, 0.9999
+        ref.transform.min_size, ref.transform.max_size, ref_head.score_thresh = (64,), 107, thresh
         ours.transform = replace(ours.transform, min_size=64, max_size=107)
-        ours.roi_heads.cfg = replace(ours.roi_heads.cfg, score_thresh=0.9999)
+        our_head.cfg = replace(our_head.cfg, score_thresh=thresh)
         a, b = run_both(ref, ours, images([(64, 80), (50, 40)], seed=5))
     finally:
-        ref.transform.min_size, ref.transform.max_size, ref.roi_heads.score_thresh, ours.transform, ours.roi_heads.cfg = saved
-    for x, y, (h, w) in zip(a, b, [(64, 80), (50, 40)]):
-        assert len(x["labels"]) == 0 and len(y["labels"]) == 0
-        assert y["boxes"].shape == (0, 4) and y["scores"].shape == (0,) and y["labels"].dtype == torch.int64
-        assert y["masks"].shape == (0, 1, h, w)
-
-
-def test_no_proposals(pair):
-    """The RPN keeps nothing (its score threshold is out of reach): empty results, as torchvision's."""
-    name, ref, ours = pair
-    saved = ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh, ours.transform, ours.rpn.cfg
-    try:
-        ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh = (64,), 107, 1.1
-        ours.transform = replace(ours.transform, min_size=64, max_size=107)
-        ours.rpn.cfg = replace(ours.rpn.cfg, score_thresh=1.1)
-        a, b = run_both(ref, ours, images([(64, 80), (50, 40)], seed=5))
-    finally:
-        ref.transform.min_size, ref.transform.max_size, ref.rpn.score_thresh, ours.transform, ours.rpn.cfg = saved
+        ref.transform.min_size, ref.transform.max_size, ref_head.score_thresh, ours.transform, our_head.cfg = saved
     for x, y, (h, w) in zip(a, b, [(64, 80), (50, 40)]):
         assert len(x["labels"]) == 0 and len(y["labels"]) == 0
         assert y["boxes"].shape == (0, 4) and y["scores"].shape == (0,) and y["labels"].dtype == torch.int64
