@@ -43,8 +43,9 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
 
     features: per level Tensor[N, C, H_l, W_l]; rois: Tensor[K, 5] (batch index, xyxy in image pixels);
     levels: Tensor[K] int64 in [0, len(features)), any other value leaves the RoI zero (a box of negative area
-    has a NaN size and so no level: both originals then pool it nowhere); scales: spatial scale of each level; table: the features'
-    `feature_table`, when the caller already made it (to pool the same features twice with one copy).
+    has a NaN size and so no level: both originals then pool it nowhere); scales: spatial scale of each level;
+    table: the features' `feature_table`, when the caller already made it (to pool the same features twice with
+    one copy).
     Returns Tensor[K, C, Ph, Pw] in the features' dtype.
     """
     dtype = _compute_dtype(features[0].dtype)

@@ -170,11 +170,10 @@ def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
 
 
 def _adaptive_grid(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, Tensor]:
-    """Samples per bin along y and x of each RoI, ceil(roi_size / P): Tensor[K] int64 each (0 when aligned and
-    the RoI is empty)."""
-    _, _, _, _, roi_h, roi_w = _roi_geometry(rois, scale, P, aligned)
-    return (torch.ceil(roi_h / device_scalar(P[0], roi_h)).long().clamp(min=0),
-            torch.ceil(roi_w / device_scalar(P[1], roi_w)).long().clamp(min=0))
+    """Samples per bin along y and x of each RoI, ceil(roi_size / P) = ceil(bin size): Tensor[K] int64 each
+    (0 when aligned and the RoI is empty)."""
+    _, _, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
+    return torch.ceil(bin_h).long().clamp(min=0), torch.ceil(bin_w).long().clamp(min=0)
 
 
 def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
@@ -295,8 +294,9 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
     C = features[0].shape[1]
-    if len(features) == 1 and features[0].dtype == dtype and features[0].is_contiguous(memory_format=torch.channels_last):
-        return features[0].permute(0, 2, 3, 1).reshape(-1, C)  # (N*H*W, C), a view
+    first = features[0]
+    if len(features) == 1 and first.dtype == dtype and first.is_contiguous(memory_format=torch.channels_last):
+        return first.permute(0, 2, 3, 1).reshape(-1, C)  # (N*H*W, C), a view
     table = features[0].new_empty((sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features), C), dtype=dtype)
     start = 0
     for f in features:
