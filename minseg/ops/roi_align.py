@@ -38,6 +38,7 @@ from minseg.ops import forms
 from minseg.ops.forms import device_scalar
 
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
+_MAX_ENTRIES_GPU = 1 << 24  # on GPUs each run costs ~100 kernel launches: fewer, larger runs (~200 MB of taps)
 _MAX_VALUES = 1 << 22  # products per group of bins: taps * C (Tensor[4, S, C], kept within the CPU caches)
 
 
@@ -248,12 +249,13 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], sums.div_(count))  # RoI order
 
 
-def _adaptive_chunks(gh_host: list[int], gw_host: list[int], P: tuple[int, int]) -> list[tuple[int, int]]:
-    """Split RoIs, given their grids, into runs of at most _MAX_ENTRIES sample taps."""
+def _adaptive_chunks(gh_host: list[int], gw_host: list[int], P: tuple[int, int],
+                     max_entries: int) -> list[tuple[int, int]]:
+    """Split RoIs, given their grids, into runs of at most `max_entries` sample taps."""
     chunks, start, used = [], 0, 0
     for k, (a, b) in enumerate(zip(gh_host, gw_host)):
         n = 4 * P[0] * P[1] * a * b  # taps of RoI k
-        if k > start and used + n > _MAX_ENTRIES:
+        if k > start and used + n > max_entries:
             chunks.append((start, k))
             start, used = k, 0
         used += n
@@ -271,8 +273,9 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     Ph, Pw = P
     if K * C * Ph * Pw == 0:  # nothing to pool
         return table.new_zeros((K, C, Ph, Pw))
+    max_entries = _MAX_ENTRIES_GPU if forms.launch_bound(table) else _MAX_ENTRIES
     if sampling_ratio > 0:
-        step = max(1, _MAX_ENTRIES // (Ph * Pw * 4 * sampling_ratio**2))
+        step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
                          for s in range(0, K, step)])
@@ -281,7 +284,7 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
         out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned,
                                         (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
-                         for s, e in _adaptive_chunks(gh_host, gw_host, P)])
+                         for s, e in _adaptive_chunks(gh_host, gw_host, P, max_entries)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
