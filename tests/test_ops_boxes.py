@@ -1,4 +1,4 @@
-"""Box ops and NMS against torchvision.ops and a brute-force greedy reference written here."""
+"""Box ops and NMS against torchvision.ops and the one-box-at-a-time greedy NMS of minseg.ops.reference."""
 import math
 
 import pytest
@@ -7,35 +7,10 @@ import torchvision.ops as tvo
 from hypothesis import given, settings, strategies as st
 
 import minseg.ops as mo
-from minseg.ops import forms
+from minseg.ops import forms, reference
 from conftest import cuda
 
 SETTINGS = settings(max_examples=40, deadline=None)
-
-
-def greedy_reference(boxes: torch.Tensor, scores: torch.Tensor, thr: float, labels=None) -> list[int]:
-    """Textbook greedy NMS, one box at a time, with torchvision's arithmetic.
-
-    IoU in the boxes' float type as nms_kernel.cpp computes it (no +1), compared with the threshold as a
-    Python float (double), ties visited in index order.
-    """
-    x1, y1, x2, y2 = boxes.unbind(1)
-    area = (x2 - x1) * (y2 - y1)
-    w = (torch.min(x2[:, None], x2[None]) - torch.max(x1[:, None], x1[None])).clamp(min=0)
-    h = (torch.min(y2[:, None], y2[None]) - torch.max(y1[:, None], y1[None])).clamp(min=0)
-    inter = w * h
-    iou = (inter / (area[:, None] + area[None] - inter)).tolist()
-    order = sorted(range(len(scores)), key=lambda i: -scores[i].item())
-    suppressed, keep = set(), []
-    for a, i in enumerate(order):
-        if i in suppressed:
-            continue
-        keep.append(i)
-        for j in order[a + 1:]:
-            same = labels is None or labels[i] == labels[j]
-            if same and iou[i][j] > thr:  # NaN (two empty boxes) never suppresses
-                suppressed.add(j)
-    return keep
 
 
 @st.composite
@@ -63,7 +38,7 @@ def test_nms_matches_reference_and_torchvision(data, thr):
     boxes, scores = data
     ours = mo.nms(boxes, scores, thr)
     assert ours.dtype == torch.int64
-    assert ours.tolist() == greedy_reference(boxes, scores, thr)
+    assert torch.equal(ours, reference.nms(boxes, scores, thr))
     assert torch.equal(ours, tvo.nms(boxes, scores, thr))
 
 
@@ -76,7 +51,7 @@ def test_batched_nms_matches_reference_and_torchvision(data, thr, num_classes, s
     ours = mo.batched_nms(boxes, scores, idxs, thr)
     assert torch.equal(ours, tvo.batched_nms(boxes, scores, idxs, thr))
     if shift == 0.0:  # with non-negative coordinates the offset trick is per-class greedy NMS
-        assert sorted(ours.tolist()) == sorted(greedy_reference(boxes, scores, thr, idxs.tolist()))
+        assert sorted(ours.tolist()) == sorted(reference.batched_nms(boxes, scores, idxs, thr).tolist())
 
 
 @pytest.mark.parametrize("n", [1001, 3000])

@@ -1,4 +1,5 @@
-"""Mask pasting against torchvision's paste_masks_in_image and detectron2's formula (written out here)."""
+"""Mask pasting against torchvision's paste_masks_in_image and detectron2's one-mask-at-a-time paste
+(minseg.ops.reference)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,29 +7,10 @@ from hypothesis import given, settings, strategies as st
 from torchvision.models.detection.roi_heads import paste_masks_in_image as torchvision_paste
 
 import minseg.ops as mo
-from minseg.ops import forms
+from minseg.ops import forms, reference
 from conftest import cuda
 
 SETTINGS = settings(max_examples=25, deadline=None)
-
-
-def detectron2_paste_one_by_one(masks, boxes, H, W, threshold=0.5):
-    """detectron2/layers/mask_ops.py on CPU: each mask alone, grid_sample at pixel centres inside the window
-    [floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1) clipped to the image, the rest False."""
-    out = torch.zeros(len(masks), H, W, dtype=torch.bool if threshold >= 0 else torch.uint8)
-    for i, (mask, box) in enumerate(zip(masks, boxes)):
-        x0i, y0i = torch.clamp(box.floor()[:2] - 1, min=0).to(torch.int32).tolist()
-        x1i = int(torch.clamp(box[2].ceil() + 1, max=W).to(torch.int32))
-        y1i = int(torch.clamp(box[3].ceil() + 1, max=H).to(torch.int32))
-        if y1i <= y0i or x1i <= x0i:  # a box wholly past the image (detectron2's arange would raise): nothing
-            continue
-        x0, y0, x1, y1 = box[0:1], box[1:2], box[2:3], box[3:4]
-        ys = (torch.arange(y0i, y1i, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
-        xs = (torch.arange(x0i, x1i, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
-        grid = torch.stack([xs[None, :].expand(len(ys), -1), ys[:, None].expand(-1, len(xs))], dim=2)[None]
-        soft = F.grid_sample(mask[None, None].float(), grid, align_corners=False)[0, 0]
-        out[i, y0i:y1i, x0i:x1i] = soft >= threshold if threshold >= 0 else (soft * 255).to(torch.uint8)
-    return out
 
 
 @st.composite
@@ -55,7 +37,7 @@ def paste_problems(draw):
 def test_detectron2_paste_equals_one_by_one(problem, threshold):
     masks, boxes, (H, W) = problem
     ours = mo.paste_masks_detectron2(masks, boxes, (H, W), threshold)
-    expected = detectron2_paste_one_by_one(masks, boxes, H, W, threshold)
+    expected = reference.paste_masks_detectron2(masks, boxes, (H, W), threshold)
     assert ours.dtype == expected.dtype and ours.shape == (len(masks), H, W)
     assert torch.equal(ours, expected)
 

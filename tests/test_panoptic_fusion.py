@@ -1,38 +1,16 @@
-"""Panoptic fusion against a one-instance-at-a-time reference written from detectron2's
-combine_semantic_and_instance_outputs (Python floats, boolean-mask assignment, a host read per step)."""
+"""Panoptic fusion against the one-instance-at-a-time reference (minseg.ops.reference.panoptic_fusion, written
+from detectron2's combine_semantic_and_instance_outputs)."""
+import dataclasses
+
 import pytest
 import torch
 
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
-from minseg.ops import forms
+from minseg.ops import forms, reference as ops_reference
 
 
 def reference(scores, labels, masks, semantic, cfg):
-    panoptic = torch.zeros_like(semantic, dtype=torch.int32)
-    segments, current_id = [], 0
-    for i in torch.argsort(-scores):
-        score = scores[i].item()
-        if score < cfg.instances_score_thresh:
-            break
-        mask = masks[i]
-        area = mask.sum().item()
-        if area == 0:
-            continue
-        overlap = (mask & (panoptic > 0)).sum().item()
-        if overlap * 1.0 / area > cfg.overlap_thresh:
-            continue
-        current_id += 1
-        panoptic[mask & (panoptic == 0)] = current_id
-        segments.append({"id": current_id, "isthing": True, "score": score, "category_id": labels[i].item(),
-                         "instance_id": i.item()})
-    for label in torch.unique(semantic).tolist():
-        mask = (semantic == label) & (panoptic == 0)
-        if label == cfg.things_label or mask.sum().item() < cfg.stuff_area_thresh:
-            continue
-        current_id += 1
-        panoptic[mask] = current_id
-        segments.append({"id": current_id, "isthing": False, "category_id": label, "area": mask.sum().item()})
-    return panoptic, segments
+    return ops_reference.panoptic_fusion(scores, labels, masks, semantic, **dataclasses.asdict(cfg))
 
 
 @pytest.mark.parametrize("gpu_form", [False, True])

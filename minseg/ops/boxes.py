@@ -169,7 +169,7 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """Greedy non-maximum suppression, identical to torchvision.ops.nms.
+    """Greedy non-maximum suppression, identical to torchvision.ops.nms and to `minseg.ops.reference.nms`.
 
     boxes: Tensor[N, 4] xyxy; scores: Tensor[N]. A box is dropped when its IoU with a kept higher-scored box
     is > iou_threshold. Returns Tensor[K] int64 indices of kept boxes, by decreasing score. float16/bfloat16
@@ -202,7 +202,8 @@ def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    """NMS independently per category, identical to torchvision.ops.batched_nms.
+    """NMS independently per category, identical to torchvision.ops.batched_nms (the same kept set as
+    `minseg.ops.reference.batched_nms` for non-negative boxes; equal scores may come out in another order).
 
     boxes: Tensor[N, 4] xyxy; scores: Tensor[N]; idxs: Tensor[N] int category of each box.
     Returns Tensor[K] int64 kept indices by decreasing score.

@@ -30,6 +30,7 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     score and the first `max_detections` returned. There is no score threshold here (YOLACT filters
     candidates by their best class score before calling this), so a low class score can survive.
     Returns (index Tensor[K] into boxes, class Tensor[K] in 0..C-1, score Tensor[K]), scores descending.
+    Reference: `minseg.ops.reference.fast_nms` (a loop over candidates); equal to it exactly.
     """
     C, N = scores.shape
     if N == 0:

@@ -98,7 +98,8 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int
     bilinear weights of the image pixels (`_resize_matrix`; zero outside the box): all masks in two calls,
     with nothing bigger than the output. Each sum has the same two non-zero products as PyTorch's upsample
     kernel, which fuses multiply-adds differently by code path: values agree with torchvision's to 2 float32
-    ulps, not bitwise.
+    ulps, not bitwise. Reference: `minseg.ops.reference.paste_masks_torchvision` (one mask at a time; bitwise
+    torchvision's).
     """
     N, _, M, _ = masks.shape
     H, W = image_shape
@@ -156,6 +157,7 @@ def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int,
 
     masks: Tensor[N, M, M] with values in [0, 1]; boxes: Tensor[N, 4] float xyxy in image pixels.
     Returns Tensor[N, H, W] bool (soft >= threshold), or uint8 (soft * 255) when threshold < 0.
+    Reference: `minseg.ops.reference.paste_masks_detectron2` (one mask at a time); equal to it exactly.
     """
     N = masks.shape[0]
     H, W = image_shape

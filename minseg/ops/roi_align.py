@@ -322,6 +322,8 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     in image coordinates that `spatial_scale` maps onto the feature map. Returns Tensor[K, C, Ph, Pw].
     float16/bfloat16 inputs are computed in float32 and rounded once at the end (torchvision's CPU kernel
     rounds every step in half precision).
+    Reference: `minseg.ops.reference.roi_align`; on the CPU bitwise equal to it (and to torchvision's kernel),
+    on GPUs equal to float32 rounding.
     """
     N, C, H, W = input.shape
     dtype = _compute_dtype(input.dtype)
