@@ -3,7 +3,7 @@
 A CPU-side view of what limits small-batch GPU inference: every dispatched op that is not a view starts at
 least one kernel on a GPU, and every read of a tensor's value by the host (.item(), .tolist(), nonzero,
 torch.equal, a boolean mask index) is a host-device synchronisation there. With --gpu-forms, minseg's ops take
-the forms they take on GPUs (`minseg.ops.forms.launch_bound`), so the count is what a GPU would run; the
+the forms they take on GPUs (impl "gpu", see `minseg.ops.forms`), so the count is what a GPU would run; the
 originals keep their own code paths (torchvision's roi_align and nms are one kernel each on either device).
 Host reads of small tensors that the code makes on the CPU on purpose (thresholds, level scales) are counted
 too; the table of sites shows where each read comes from.
@@ -115,7 +115,8 @@ def main() -> None:
     if args.gpu_forms:
         from minseg.ops import forms
 
-        forms.launch_bound = lambda t: True
+        auto = forms.choose  # this tool alone: every op's "auto" picks its GPU form, whatever the device
+        forms.choose = lambda impl, like: auto("gpu" if impl == "auto" else impl, like)
     table = model_forwards()
     for name in args.models or ["maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]:
         sides = table[name]()

@@ -12,7 +12,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image as torch
 
 import minseg.ops as mo
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
-from minseg.ops import forms, reference
+from minseg.ops import reference
 from test_fast_nms import as_tensors, fast_nms_reference, problems as fast_nms_problems, triples
 from test_ops_boxes import box_sets
 from test_ops_masks import paste_problems
@@ -34,16 +34,15 @@ def test_roi_align(problem, sampling_ratio, aligned):
                                rtol=0, atol=1e-12)
 
 
-def test_roi_align_gpu_form_to_rounding(monkeypatch):
+def test_roi_align_gpu_form_to_rounding():
     """The GPU form (one fused bag of taps per bin, run here on the CPU) sums in another order."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 20, 24, generator=g)
     xy = torch.rand(12, 2, generator=g) * 80
     rois = torch.cat([torch.randint(0, 2, (12, 1), generator=g).float(), xy, xy + torch.rand(12, 2, generator=g) * 60], 1)
     expected = {sr: reference.roi_align(x, rois, 5, 0.25, sr, True) for sr in (0, 2)}
-    monkeypatch.setattr(forms, "launch_bound", lambda t: True)
     for sr, ref in expected.items():
-        torch.testing.assert_close(mo.roi_align(x, rois, 5, 0.25, sr, True), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mo.roi_align(x, rois, 5, 0.25, sr, True, impl="gpu"), ref, rtol=1e-5, atol=1e-6)
 
 
 @SETTINGS
@@ -102,9 +101,8 @@ def test_paste_detectron2(problem, threshold):
 
 @pytest.mark.parametrize("gpu_form", [False, True])
 @pytest.mark.parametrize("seed", range(12))
-def test_panoptic_fusion(seed, gpu_form, monkeypatch):
+def test_panoptic_fusion(seed, gpu_form):
     """Both fast forms (one instance at a time on the CPU, the dense fixpoint on GPUs) equal the reference."""
-    monkeypatch.setattr(forms, "launch_bound", lambda t: gpu_form)
     g = torch.Generator().manual_seed(seed)
     K, H, W = int(torch.randint(0, 15, (1,), generator=g)), 30, 40
     scores, labels = torch.rand(K, generator=g), torch.randint(0, 80, (K,), generator=g)
@@ -113,7 +111,8 @@ def test_panoptic_fusion(seed, gpu_form, monkeypatch):
         masks[k, y:y + h, x:x + w] = True
     semantic = torch.randint(0, 4, (3, 4), generator=g).repeat_interleave(10, 0).repeat_interleave(10, 1)
     cfg = FusionConfig(overlap_thresh=float(torch.rand(1, generator=g)), stuff_area_thresh=50)
-    panoptic, segments = combine_semantic_and_instances(scores, labels, masks, semantic, cfg)
+    panoptic, segments = combine_semantic_and_instances(scores, labels, masks, semantic, cfg,
+                                                        impl="gpu" if gpu_form else "cpu")
     expected, expected_segments = reference.panoptic_fusion(
         scores, labels, masks, semantic, instances_score_thresh=cfg.instances_score_thresh,
         overlap_thresh=cfg.overlap_thresh, stuff_area_thresh=cfg.stuff_area_thresh, things_label=cfg.things_label)
@@ -127,3 +126,24 @@ def test_importing_the_ops_loads_no_model():
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('minseg'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert all(m in ("minseg", "minseg.errors", "minseg.convert") or m.startswith("minseg.ops") for m in loaded), loaded
+
+
+def test_every_op_takes_its_reference_by_impl():
+    """impl="reference" runs the plain math; an unknown impl is refused by name."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, generator=g)
+    rois = torch.tensor([[0.0, 1.0, 1.0, 20.0, 12.0]])
+    assert torch.equal(mo.roi_align(x, rois, 3, 0.5, 2, impl="reference"), reference.roi_align(x, rois, 3, 0.5, 2))
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    scores = torch.tensor([0.9, 0.8, 0.7])
+    assert mo.nms(boxes, scores, 0.5, impl="reference").tolist() == [0, 2]
+    assert mo.batched_nms(boxes, scores, torch.tensor([0, 1, 0]), 0.5, impl="reference").tolist() == [0, 1, 2]
+    index, classes, _ = mo.fast_nms(boxes, scores[None], 0.5, impl="reference")
+    assert index.tolist() == [0, 2] and classes.tolist() == [0, 0]
+    masks = torch.rand(3, 28, 28, generator=g)
+    assert torch.equal(mo.paste_masks_detectron2(masks, boxes, (32, 32), impl="reference"),
+                       mo.paste_masks_detectron2(masks, boxes, (32, 32), impl="cpu"))
+    assert torch.equal(mo.paste_masks_torchvision(masks[:, None], boxes, (32, 32), impl="reference"),
+                       torchvision_paste(masks[:, None], boxes, (32, 32)))
+    with pytest.raises(ValueError, match="impl must be one of"):
+        mo.nms(boxes, scores, 0.5, impl="fast")

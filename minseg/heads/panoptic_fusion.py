@@ -3,16 +3,17 @@
 Follows detectron2 modeling/meta_arch/panoptic_fpn.py (combine_semantic_and_instance_outputs), itself the heuristic
 of panopticapi's combine_semantic_and_instance_predictions.py: things are laid down by descending score, each
 skipped when mostly covered already; then each stuff class fills what is left when enough of it remains.
-On GPUs (`forms.launch_bound`) the things' decisions come from a few dense steps instead of one instance at a
-time; the result is the same.
+The "gpu" form (`impl`, ops/forms.py; the default on GPUs) decides the things in a few dense steps instead of one
+instance at a time; the result is the same. The plain math is `minseg.ops.reference.panoptic_fusion`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from minseg.ops import forms
+from minseg.ops import forms, reference
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def _place_things_fixpoint(masks: torch.Tensor, order: list[int], overlap_thresh
     n = len(order)
     if n == 0:
         return panoptic, torch.zeros(0, dtype=torch.bool, device=panoptic.device)
-    ranked = masks[forms.host_values(order, torch.int64, masks.device)]  # (n, H, W) best first
+    ranked = masks[forms.copy_to_device(order, torch.int64, masks.device)]  # (n, H, W) best first
     areas = ranked.flatten(1).sum(1).double()  # (n,)
     rank = torch.arange(n, device=masks.device)[:, None, None]
     keep = areas > 0
@@ -71,15 +72,19 @@ def _place_things_fixpoint(masks: torch.Tensor, order: list[int], overlap_thresh
 
 
 def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
-                                   semantic: torch.Tensor, cfg: FusionConfig = FusionConfig()
-                                   ) -> tuple[torch.Tensor, list[dict]]:
+                                   semantic: torch.Tensor, cfg: FusionConfig = FusionConfig(), *,
+                                   impl: str = "auto") -> tuple[torch.Tensor, list[dict]]:
     """Instances (scores Tensor[K], labels Tensor[K] int64 0..79, masks Tensor[K, H, W] bool) and the semantic
     argmax Tensor[H, W] int64 -> (panoptic Tensor[H, W] int32 with 0 = void, segments_info).
 
     segments_info lists, in id order, things as {"id", "isthing": True, "score", "category_id", "instance_id"}
     and stuff as {"id", "isthing": False, "category_id" (1..53), "area"}, as detectron2 returns them.
-    Reference: `minseg.ops.reference.panoptic_fusion` (one instance at a time); both forms equal it exactly.
+    impl: "auto", "cpu" (one instance at a time), "gpu" (dense fixpoint) or "reference"
+    (`minseg.ops.reference.panoptic_fusion`); all three give the same result.
     """
+    form = forms.choose(impl, semantic)
+    if form == "reference":
+        return reference.panoptic_fusion(scores, labels, masks, semantic, **dataclasses.asdict(cfg))
     panoptic = torch.zeros_like(semantic, dtype=torch.int32)
     masks = masks.to(dtype=torch.bool, device=panoptic.device)
 
@@ -89,7 +94,7 @@ def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, m
     sorted_scores = scores[order].tolist()
     count = next((j for j, s in enumerate(sorted_scores) if s < cfg.instances_score_thresh), len(sorted_scores))
     order = order[:count].tolist()
-    place = _place_things_fixpoint if forms.launch_bound(panoptic) else _place_things_one_at_a_time
+    place = _place_things_fixpoint if form == "gpu" else _place_things_one_at_a_time
     panoptic, kept = place(masks, order, cfg.overlap_thresh, panoptic)
     segments: list[dict] = []
     labels_host = labels.tolist()
@@ -110,5 +115,5 @@ def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, m
             continue
         stuff_id[label] = len(segments) + 1
         segments.append({"id": stuff_id[label], "isthing": False, "category_id": label, "area": free_area[label + 1]})
-    stuff = forms.host_values(stuff_id, torch.int32, panoptic.device)[semantic]  # (H, W)
+    stuff = forms.copy_to_device(stuff_id, torch.int32, panoptic.device)[semantic]  # (H, W)
     return torch.where(panoptic == 0, stuff, panoptic), segments

@@ -33,7 +33,7 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
-from minseg.ops.forms import device_scalar, host_values
+from minseg.ops.forms import device_scalar, copy_to_device
 from minseg.ops.masks import paste_masks_torchvision
 
 
@@ -77,8 +77,8 @@ class MaskRCNN(nn.Module):
             if math.floor(H * scale) < 1 or math.floor(W * scale) < 1:  # torchvision fails inside interpolate
                 raise ValueError(f"image {i} of {H}x{W} is too elongated: resized by {scale:.4g} (shorter side "
                                  f"towards {t.min_size}, longer at most {t.max_size}) a side would be 0 px; crop it")
-            mean = host_values(t.image_mean, image.dtype, image.device)
-            std = host_values(t.image_std, image.dtype, image.device)
+            mean = copy_to_device(t.image_mean, image.dtype, image.device)
+            std = copy_to_device(t.image_std, image.dtype, image.device)
             image = (image - mean[:, None, None]) / std[:, None, None]
             # kept: scale_factor with recompute_scale_factor=True, so the output size is floor(side * scale)
             # and the kernel uses side / output as its step, exactly as torchvision calls it

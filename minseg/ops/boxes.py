@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from minseg.ops import forms
+from minseg.ops import forms, reference
 
 
 def _upcast(t: Tensor) -> Tensor:
@@ -105,7 +105,8 @@ def _none_per_row(mask: Tensor) -> Tensor:
     return mask.view(torch.uint8).amax(dim=1) == 0
 
 
-def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int | None = None) -> Tensor:
+def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int | None = None,
+                 cpu: bool = True) -> Tensor:
     """Bool Tensor[N]: greedy NMS decisions for boxes already sorted by descending score.
 
     boxes: Tensor[N, 4]; labels: optional Tensor[N], non-decreasing (boxes grouped by class); when given, only
@@ -115,10 +116,10 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     On CPU a block holds 512 boxes and each comparison step at most 2^18 pairs (1 MiB per float32
     temporary, within L2): fewer, larger steps cost less dispatch than many small ones. Measured on 2 cores,
     1000 to 20000 boxes, quiet or with one core busy: 512 was fastest among 181..1024 (181, which keeps every
-    op under ATen's parallel grain, was 1.5-3x slower).
+    op under ATen's parallel grain, was 1.5-3x slower). `cpu` False is the "gpu" form: blocks of 4096 boxes,
+    whole-block comparison steps, a convergence check every 4 steps (each check is a host read).
     """
     N = boxes.shape[0]
-    cpu = not forms.launch_bound(boxes)
     if block is None:
         block = 512 if cpu else 4096
     steps_per_check = 1 if cpu else 4
@@ -168,23 +169,27 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     return keep
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
     """Greedy non-maximum suppression, identical to torchvision.ops.nms and to `minseg.ops.reference.nms`.
 
     boxes: Tensor[N, 4] xyxy; scores: Tensor[N]. A box is dropped when its IoU with a kept higher-scored box
     is > iou_threshold. Returns Tensor[K] int64 indices of kept boxes, by decreasing score. float16/bfloat16
     boxes are compared in float32 (torchvision's CPU kernel does not accept them).
+    impl: "auto", "cpu", "gpu" (`_greedy_keep`'s block sizes; the same result) or "reference".
     """
+    form = forms.choose(impl, boxes)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     boxes = _upcast(boxes)
+    if form == "reference":
+        return reference.nms(boxes, scores, iou_threshold).to(boxes.device)
     # a stable sort: torchvision's kernel visits tied scores in index order
     order = scores.sort(dim=0, descending=True, stable=True)[1]
-    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype))
+    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), cpu=form == "cpu")
     return order[keep]
 
 
-def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, cpu: bool) -> Tensor:
     """torchvision's `_batched_nms_vanilla` (NMS class by class, then all kept indices sorted by score).
 
     One greedy pass over the boxes grouped by class and stably sorted by score inside each class, where only
@@ -193,7 +198,7 @@ def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     boxes = _upcast(boxes)
     order = scores.sort(dim=0, descending=True, stable=True)[1]
     order = order[idxs[order].sort(stable=True)[1]]  # grouped by class, by score inside a class
-    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), labels=idxs[order])
+    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), labels=idxs[order], cpu=cpu)
     keep_mask = torch.empty_like(scores, dtype=torch.bool)
     keep_mask[order] = keep  # order is a permutation: every box gets its decision
     kept = torch.where(keep_mask)[0]
@@ -201,7 +206,7 @@ def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     return kept[scores[kept].sort(descending=True)[1]]
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
     """NMS independently per category, identical to torchvision.ops.batched_nms (the same kept set as
     `minseg.ops.reference.batched_nms` for non-negative boxes; equal scores may come out in another order).
 
@@ -211,11 +216,15 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Follows torchvision/ops/boxes.py, including its switch: up to 4000 box coordinates on CPU (100,000 on
     CUDA) it shifts each category's boxes by idx * (max coordinate + 1) and runs one NMS (the shifted float
     coordinates round differently, so the switch is kept for parity); above that it runs NMS per category.
+    impl: as nms's.
     """
+    form = forms.choose(impl, boxes)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if form == "reference":
+        return reference.batched_nms(_upcast(boxes), scores, idxs, iou_threshold).to(boxes.device)
     if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
-        return _class_aware_nms(boxes, scores, idxs, iou_threshold)
+        return _class_aware_nms(boxes, scores, idxs, iou_threshold, cpu=form == "cpu")
     max_coordinate = boxes.max()
     offsets = idxs.to(boxes) * (max_coordinate + 1)  # (N,) one float32 add, as torchvision's tensor(1) add
-    return nms(boxes + offsets[:, None], scores, iou_threshold)
+    return nms(boxes + offsets[:, None], scores, iou_threshold, impl=form)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from minseg.ops import forms, reference
 from minseg.ops.boxes import box_iou
 
 
@@ -21,7 +22,7 @@ def _empty(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5, top_k: int = 200,
-             max_detections: int = 100) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             max_detections: int = 100, *, impl: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-class Fast NMS, YOLACT's evaluation default.
 
     boxes: Tensor[N, 4] xyxy candidates; scores: Tensor[C, N] per-class scores of each candidate.
@@ -30,8 +31,11 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     score and the first `max_detections` returned. There is no score threshold here (YOLACT filters
     candidates by their best class score before calling this), so a low class score can survive.
     Returns (index Tensor[K] into boxes, class Tensor[K] in 0..C-1, score Tensor[K]), scores descending.
-    Reference: `minseg.ops.reference.fast_nms` (a loop over candidates); equal to it exactly.
+    impl: "auto", "cpu", "gpu" (one form) or "reference" (`minseg.ops.reference.fast_nms`, a loop over candidates;
+    equal to the fast form exactly).
     """
+    if forms.choose(impl, scores) == "reference":
+        return reference.fast_nms(boxes, scores, iou_threshold, top_k, max_detections)
     C, N = scores.shape
     if N == 0:
         return _empty(scores)

@@ -1,13 +1,15 @@
-"""One switch for the ops whose fastest form differs by device.
+"""How an op picks its implementation, and small constants on the device without a synchronisation.
 
-On the CPU, ops follow the originals' CPU kernels' float order (bitwise parity) and size their steps to stay
-within the caches. On GPUs a kernel launch costs more than the arithmetic it starts, so the same ops take
-fewer, larger steps: RoIAlign sums each bin in one fused gather and weighted sum (in the GPU's own order, as
-torchvision's CUDA kernel is not bitwise its CPU kernel either), NMS decides up to 4096 boxes per block,
-detectron2-style mask pasting computes fewer, more padded groups, and panoptic fusion decides all instances
-in a few dense steps. Results agree to float32 rounding (NMS, pasting and fusion: exactly).
-Tests and `minseg_ref.dispatch_count` replace `launch_bound` to run the GPU forms on the CPU.
-`device_scalar` and `host_values` bring constants to a GPU without a synchronisation.
+Ops whose fastest form differs by device, and every op that has a plain-math reference, take `impl`:
+- "auto" (the default): the form tuned for the input's device ("cpu" on the CPU, "gpu" anywhere else);
+- "cpu": the originals' CPU float order (bitwise parity) in steps sized for the CPU caches;
+- "gpu": fewer, larger steps, since on GPUs a kernel launch costs more than the arithmetic it starts
+  (RoIAlign sums each bin in one fused gather in its own order, as torchvision's CUDA kernel is not bitwise its
+  CPU kernel either; NMS decides up to 4096 boxes per block; detectron2's paste computes fewer, more padded
+  groups; panoptic fusion decides all instances in a few dense steps). Equal to "cpu" to float32 rounding
+  (RoIAlign) or exactly (the others);
+- "reference": the plain math of `minseg.ops.reference`, for reading and testing.
+Either form runs on any device: tests run the "gpu" forms on the CPU.
 """
 from __future__ import annotations
 
@@ -17,9 +19,16 @@ import torch
 from torch import Tensor
 
 
-def launch_bound(t: Tensor) -> bool:
-    """True where `t` lives, ops should take few large steps (GPUs); False on the CPU."""
-    return t.device.type != "cpu"
+IMPLS = ("auto", "cpu", "gpu", "reference")
+
+
+def choose(impl: str, like: Tensor) -> str:
+    """The form to run, "cpu", "gpu" or "reference": `impl`, with "auto" resolved by `like`'s device."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl == "auto":
+        return "cpu" if like.device.type == "cpu" else "gpu"
+    return impl
 
 
 def device_scalar(value: float, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -29,7 +38,7 @@ def device_scalar(value: float, like: Tensor, dtype: torch.dtype | None = None) 
     return torch.full((), value, dtype=dtype or like.dtype, device=like.device)
 
 
-def host_values(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+def copy_to_device(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
     """A few host numbers as Tensor[len(values)] on `device`, copied without waiting for the device: a blocking
     host-to-device copy (torch.tensor(values, device="cuda")) synchronises the stream, i.e. waits for all the
     work queued before it."""

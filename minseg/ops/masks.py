@@ -15,13 +15,11 @@ image; the number of steps depends on how varied the sizes are, not on the numbe
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from minseg.ops import forms
+from minseg.ops import forms, reference
 
 # detectron2's paste computes groups of windows (`_buckets`):
 _CHUNK_PIXELS = 1 << 22  # window pixels computed per step (bounds the temporaries)
@@ -76,20 +74,8 @@ def _resize_matrix(start: Tensor, stop: Tensor, length: int, in_size: int) -> Te
     return matrix
 
 
-@contextmanager
-def _float32_matmul(device_type: str):
-    """Matrix products in full float32 inside the block: no autocast, no TF32 or bfloat16 shortcuts (a global
-    setting, restored on exit)."""
-    precision = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
-        with torch.autocast(device_type, enabled=False):
-            yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-
-
-def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int], padding: int = 1) -> Tensor:
+def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int], padding: int = 1, *,
+                            impl: str = "auto") -> Tensor:
     """torchvision's paste_masks_in_image.
 
     masks: Tensor[N, 1, M, M] soft masks; boxes: Tensor[N, 4] xyxy in image pixels; image_shape: (H, W).
@@ -98,37 +84,39 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int
     bilinear weights of the image pixels (`_resize_matrix`; zero outside the box): all masks in two calls,
     with nothing bigger than the output. Each sum has the same two non-zero products as PyTorch's upsample
     kernel, which fuses multiply-adds differently by code path: values agree with torchvision's to 2 float32
-    ulps, not bitwise. Reference: `minseg.ops.reference.paste_masks_torchvision` (one mask at a time; bitwise
-    torchvision's).
+    ulps, not bitwise. The products run in float64 (then round once to float32): no TF32, bfloat16 or autocast
+    shortcut applies to them, whatever the process-wide settings. impl: "auto", "cpu", "gpu" (one form) or
+    "reference" (`minseg.ops.reference.paste_masks_torchvision`, one mask at a time; bitwise torchvision's).
     """
+    if forms.choose(impl, masks) == "reference":
+        return reference.paste_masks_torchvision(masks, boxes, image_shape, padding)
     N, _, M, _ = masks.shape
     H, W = image_shape
     if N == 0:
         return masks.new_zeros(0, 1, H, W)
-    padded = F.pad(masks, (padding,) * 4)[:, 0].float()  # (N, Mp, Mp)
+    padded = F.pad(masks, (padding,) * 4)[:, 0].double()  # (N, Mp, Mp)
     Mp = padded.shape[-1]
     box = expand_boxes(boxes, float(M + 2 * padding) / M).to(torch.int64)  # kept: truncation, as the int cast
     x0, y0, x1, y1 = box.unbind(1)
     # the mask resized to (y1 - y0 + 1) x (x1 - x0 + 1) covers [y0, y1] x [x0, x1] (nothing for inverted boxes)
     rows = _resize_matrix(y0, y1 + 1, H, Mp)  # (N, H, Mp)
     columns = _resize_matrix(x0, x1 + 1, W, Mp)  # (N, W, Mp)
-    with _float32_matmul(masks.device.type):
-        along_x = torch.bmm(padded, columns.transpose(1, 2))  # (N, Mp, W): along x on every source row
-        pasted = torch.bmm(rows, along_x)  # (N, H, W): then along y
+    with torch.autocast(masks.device.type, enabled=False):  # (autocast is per thread: no global state changes)
+        along_x = torch.bmm(padded, columns.transpose(1, 2).double())  # (N, Mp, W): along x on every source row
+        pasted = torch.bmm(rows.double(), along_x)  # (N, H, W): then along y
     return pasted.to(masks.dtype)[:, None]
 
 
-def _buckets(windows: Tensor):
+def _buckets(windows: Tensor, padded: bool):
     """Group masks by window size and yield, per group, the image rows and columns of their windows.
 
     windows: Tensor[N, 4] int64 (x0, y0, x1, y1), end exclusive. Yields (n Tensor[k], ys Tensor[k, h],
     xs Tensor[k, w], inside Tensor[k, h, w] bool) where h, w are the group's largest window sides and
     `inside` marks the pixels of each mask's own window. Masks in a group have similar sizes, so padding
-    stays small (on GPUs, groups are fewer and padded more); empty windows are skipped. One host read of the
+    stays small (with `padded`, the "gpu" form, groups are fewer and padded more); empty windows are skipped. One host read of the
     window sizes. The grouping changes no value, only how many pixels each step computes.
     """
-    few = forms.launch_bound(windows)
-    pad_factor, chunk = (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS) if few else (_PAD_FACTOR, _CHUNK_PIXELS)
+    pad_factor, chunk = (_GPU_PAD_FACTOR, _GPU_CHUNK_PIXELS) if padded else (_PAD_FACTOR, _CHUNK_PIXELS)
     sizes = (windows[:, 2:] - windows[:, :2]).clamp(min=0)  # (N, 2) w, h
     ws, hs = sizes[:, 0].tolist(), sizes[:, 1].tolist()
     order = sorted((i for i in range(len(ws)) if ws[i] * hs[i] > 0), key=lambda i: -ws[i] * hs[i])
@@ -142,7 +130,7 @@ def _buckets(windows: Tensor):
                     (stop - start + 1) * nw * nh > chunk:
                 break
             w, h, area, stop = nw, nh, area + ws[i] * hs[i], stop + 1
-        n = forms.host_values(order[start:stop], torch.int64, windows.device)
+        n = forms.copy_to_device(order[start:stop], torch.int64, windows.device)
         win = windows[n]  # (k, 4)
         ys = win[:, 1:2] + torch.arange(h, device=windows.device)  # (k, h)
         xs = win[:, 0:1] + torch.arange(w, device=windows.device)  # (k, w)
@@ -152,13 +140,17 @@ def _buckets(windows: Tensor):
 
 
 def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int],
-                           threshold: float = 0.5) -> Tensor:
+                           threshold: float = 0.5, *, impl: str = "auto") -> Tensor:
     """detectron2's paste_masks_in_image, with the result of its CPU path (one mask at a time, skip_empty).
 
     masks: Tensor[N, M, M] with values in [0, 1]; boxes: Tensor[N, 4] float xyxy in image pixels.
     Returns Tensor[N, H, W] bool (soft >= threshold), or uint8 (soft * 255) when threshold < 0.
-    Reference: `minseg.ops.reference.paste_masks_detectron2` (one mask at a time); equal to it exactly.
+    impl: "auto", "cpu", "gpu" (`_buckets`' grouping; the same result) or "reference"
+    (`minseg.ops.reference.paste_masks_detectron2`, one mask at a time; equal to the fast forms exactly).
     """
+    form = forms.choose(impl, masks)
+    if form == "reference":
+        return reference.paste_masks_detectron2(masks, boxes, image_shape, threshold).to(masks.device)
     N = masks.shape[0]
     H, W = image_shape
     buffer = torch.zeros(N * H * W + 1, dtype=torch.bool if threshold >= 0 else torch.uint8, device=masks.device)
@@ -172,7 +164,7 @@ def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int,
     x1 = (boxes[:, 2].ceil() + 1).clamp(max=W)
     y1 = (boxes[:, 3].ceil() + 1).clamp(max=H)
     windows = torch.stack((x0, y0, x1, y1), dim=1).to(torch.int32).long()  # (N, 4)
-    for n, ys, xs, inside in _buckets(windows):
+    for n, ys, xs, inside in _buckets(windows, padded=form == "gpu"):
         b = boxes[n]  # (k, 4)
         gx = (xs.float() + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1  # (k, w), the original's float order
         gy = (ys.float() + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # (k, h)

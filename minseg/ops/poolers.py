@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from minseg.ops.boxes import box_area
-from minseg.ops.forms import host_values
+from minseg.ops import forms
+from minseg.ops.forms import copy_to_device
 from minseg.ops.roi_align import _compute_dtype, _pair, _pool, boxes_to_rois, feature_table
 
 
@@ -38,30 +39,34 @@ def assign_levels_detectron2(boxes: Tensor, min_level: int, max_level: int, cano
 
 def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, scales: list[float],
                          output_size: int | tuple[int, int], sampling_ratio: int, aligned: bool,
-                         table: Tensor | None = None) -> Tensor:
+                         table: Tensor | None = None, *, impl: str = "auto") -> Tensor:
     """Pool each RoI from its level.
 
     features: per level Tensor[N, C, H_l, W_l]; rois: Tensor[K, 5] (batch index, xyxy in image pixels);
     levels: Tensor[K] int64 in [0, len(features)), any other value leaves the RoI zero (a box of negative area
     has a NaN size and so no level: both originals then pool it nowhere); scales: spatial scale of each level;
     table: the features' `feature_table`, when the caller already made it (to pool the same features twice with
-    one copy).
+    one copy); impl: "auto", "cpu" or "gpu", as roi_align's.
     Returns Tensor[K, C, Ph, Pw] in the features' dtype.
     """
+    form = forms.choose(impl, features[0])
+    if form == "reference":
+        raise ValueError("multiscale_roi_align has no reference form; pool each level with roi_align(impl='reference')")
     dtype = _compute_dtype(features[0].dtype)
     device = rois.device
     rois = rois.to(dtype)
     assigned = (levels >= 0) & (levels < len(features))  # (K,)
     levels = levels.clamp(0, len(features) - 1)
     sizes = [f.shape[0] * f.shape[2] * f.shape[3] for f in features]
-    first_row = host_values([sum(sizes[:l]) for l in range(len(sizes))], torch.int64, device)  # (L,) level starts
-    heights = host_values([f.shape[2] for f in features], torch.int64, device)
-    widths = host_values([f.shape[3] for f in features], torch.int64, device)
-    level_scale = host_values(scales, dtype, device)
+    first_row = copy_to_device([sum(sizes[:l]) for l in range(len(sizes))], torch.int64, device)  # (L,) level starts
+    heights = copy_to_device([f.shape[2] for f in features], torch.int64, device)
+    widths = copy_to_device([f.shape[3] for f in features], torch.int64, device)
+    level_scale = copy_to_device(scales, dtype, device)
     height, width = heights[levels], widths[levels]  # (K,)
     base = first_row[levels] + rois[:, 0].long() * height * width
     table = feature_table(features, dtype) if table is None else table
-    out = _pool(table, rois, base, height, width, level_scale[levels], _pair(output_size), sampling_ratio, aligned)
+    out = _pool(table, rois, base, height, width, level_scale[levels], _pair(output_size), sampling_ratio, aligned,
+                fused=form == "gpu")
     return out.masked_fill_(~assigned[:, None, None, None], 0).to(features[0].dtype)
 
 

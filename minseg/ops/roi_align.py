@@ -22,9 +22,10 @@ adaptive case bins are sorted by sample count, so slot j is an add over a prefix
 adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device synchronisation; the
 adaptive case reads its sample counts to the host, once per call (shapes depend on them).
 
-On GPUs (`forms.launch_bound`) the same taps go through one `F.embedding_bag` in "sum" mode with a bag of
-taps per bin: a fused gather and weighted sum, in the GPU's own order (as torchvision's CUDA kernel is not
-bitwise its CPU kernel).
+The "gpu" form (`impl`, see ops/forms.py; the default on GPUs) sends the same taps through one
+`F.embedding_bag` in "sum" mode with a bag of taps per bin: a fused gather and weighted sum, in the GPU's own
+order (as torchvision's CUDA kernel is not bitwise its CPU kernel). The plain math is
+`minseg.ops.reference.roi_align`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minseg.ops import forms
+from minseg.ops import forms, reference
 from minseg.ops.forms import device_scalar
 
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
@@ -133,7 +134,7 @@ def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tens
 
 
 def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-                P: tuple[int, int], g: int, aligned: bool) -> Tensor:
+                P: tuple[int, int], g: int, aligned: bool, fused: bool) -> Tensor:
     """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
     K = rois.shape[0]
     Ph, Pw = P
@@ -149,7 +150,7 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
     idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
     M, G, C = K * Ph * Pw, g * g, table.shape[1]
-    if forms.launch_bound(table):  # one bag of G * 4 taps per bin
+    if fused:  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
         return sums.div_(device_scalar(max(G, 1), sums))
     idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
@@ -179,7 +180,7 @@ def _adaptive_grid(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: boo
 
 def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
                    P: tuple[int, int], aligned: bool, grid: tuple[Tensor, Tensor],
-                   grid_host: tuple[list[int], list[int]]) -> Tensor:
+                   grid_host: tuple[list[int], list[int]], fused: bool) -> Tensor:
     """Per-RoI grid ceil(roi_size / P) per axis (`_adaptive_grid`, on the device and read to the host: the
     shapes below depend on it). Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
     K = rois.shape[0]
@@ -215,7 +216,7 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     # slot j are a prefix of the group
     M, PP, C = K * Ph * Pw, Ph * Pw, table.shape[1]
     n = gh * gw
-    if forms.launch_bound(table):  # samples are bin by bin already: one bag per bin, empty bins sum to 0
+    if fused:  # samples are bin by bin already: one bag per bin, empty bins sum to 0
         per_bin = n.repeat_interleave(PP)  # (M,)
         offsets = (torch.cumsum(per_bin, 0) - per_bin) * 4
         sums = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum", per_sample_weights=wts.reshape(-1))
@@ -263,8 +264,8 @@ def _adaptive_chunks(gh_host: list[int], gw_host: list[int], P: tuple[int, int],
 
 
 def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-          P: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
-    """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw].
+          P: tuple[int, int], sampling_ratio: int, aligned: bool, fused: bool) -> Tensor:
+    """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw]. `fused`: the "gpu" form.
 
     table: Tensor[R, C]; rois: Tensor[K, 5]; base: Tensor[K] int64, the table row of pixel (0, 0) of each
     RoI's feature map; height, width: Tensor[K] int64 sizes of that map; scale: Tensor[K] spatial scales.
@@ -273,17 +274,17 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     Ph, Pw = P
     if K * C * Ph * Pw == 0:  # nothing to pool
         return table.new_zeros((K, C, Ph, Pw))
-    max_entries = _MAX_ENTRIES_GPU if forms.launch_bound(table) else _MAX_ENTRIES
+    max_entries = _MAX_ENTRIES_GPU if fused else _MAX_ENTRIES
     if sampling_ratio > 0:
         step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
-                                     width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned)
+                                     width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned, fused)
                          for s in range(0, K, step)])
     else:  # every RoI's grid read to the host once: chunks and shapes depend on it
         gh, gw = _adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
         out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned,
-                                        (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
+                                        (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]), fused)
                          for s, e in _adaptive_chunks(gh_host, gw_host, P, max_entries)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
@@ -315,16 +316,22 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
-              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False) -> Tensor:
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False, *,
+              impl: str = "auto") -> Tensor:
     """RoIAlign, a drop-in for torchvision.ops.roi_align.
 
     input: Tensor[N, C, H, W]; boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of N Tensor[L_i, 4],
     in image coordinates that `spatial_scale` maps onto the feature map. Returns Tensor[K, C, Ph, Pw].
     float16/bfloat16 inputs are computed in float32 and rounded once at the end (torchvision's CPU kernel
     rounds every step in half precision).
-    Reference: `minseg.ops.reference.roi_align`; on the CPU bitwise equal to it (and to torchvision's kernel),
-    on GPUs equal to float32 rounding.
+    impl: "auto", "cpu", "gpu" or "reference" (ops/forms.py). The "cpu" form is bitwise equal to
+    `minseg.ops.reference.roi_align` and to torchvision's CPU kernel; the "gpu" form equals them to float32
+    rounding.
     """
+    form = forms.choose(impl, input)
+    if form == "reference":
+        return reference.roi_align(input, boxes_to_rois(boxes), _pair(output_size), spatial_scale, sampling_ratio,
+                                   aligned)
     N, C, H, W = input.shape
     dtype = _compute_dtype(input.dtype)
     rois = boxes_to_rois(boxes).to(dtype)
@@ -335,7 +342,8 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     height = torch.full((K,), H, dtype=torch.int64, device=device)
     width = torch.full((K,), W, dtype=torch.int64, device=device)
     scale = torch.full((K,), spatial_scale, dtype=dtype, device=device)
-    out = _pool(feature_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned)
+    out = _pool(feature_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned,
+                fused=form == "gpu")
     return out.to(input.dtype)
 
 
