@@ -39,11 +39,9 @@ def test_coders_round_trip(seed, weights):
     g = torch.Generator().manual_seed(seed)
     # sizes within a factor 1000/16 of each other, where decoding is not clamped
     src, dst = random_boxes(g, 64, min_size=10.0).double(), random_boxes(g, 64, min_size=10.0).double()
-    for coder in (mo.BoxCoder(weights), mo.Box2BoxTransform(weights)):
-        encode = coder.encode if isinstance(coder, mo.BoxCoder) else (lambda t, s: coder.get_deltas(s, t))
-        decode = coder.decode if isinstance(coder, mo.BoxCoder) else coder.apply_deltas
-        deltas = encode(dst, src)
-        torch.testing.assert_close(decode(deltas, src).double(), dst, rtol=0, atol=1e-3)
+    for coder in (mo.BoxCoder(weights), mo.Box2BoxTransform(weights)):  # one interface
+        deltas = coder.encode(dst, src)
+        torch.testing.assert_close(coder.decode(deltas, src).double(), dst, rtol=0, atol=1e-3)
 
 
 def detectron2_apply_deltas(deltas, boxes, weights, clamp=math.log(1000.0 / 16)):
@@ -68,8 +66,8 @@ def test_box2box_transform_equals_detectron2_formula(seed, n, k, weights):
     boxes = random_boxes(g, n)
     deltas = torch.randn(n, 4 * k, generator=g) * 4
     coder = mo.Box2BoxTransform(weights)
-    assert torch.equal(coder.apply_deltas(deltas, boxes), detectron2_apply_deltas(deltas, boxes, weights))
-    half = coder.apply_deltas(deltas.half(), boxes.half())
+    assert torch.equal(coder.decode(deltas, boxes), detectron2_apply_deltas(deltas, boxes, weights))
+    half = coder.decode(deltas.half(), boxes.half())
     assert half.dtype == torch.float32  # detectron2 decodes in float32
     assert torch.equal(half, detectron2_apply_deltas(deltas.half(), boxes.half(), weights))
     assert mo.Box2BoxTransform(weights).scale_clamp == math.log(1000.0 / 16)
@@ -90,12 +88,12 @@ def test_anchor_generator_equals_torchvision():
     for (H, W) in ((800, 1088), (608, 800), (512, 672)):
         feats = [torch.zeros(1, 1, math.ceil(H / s), math.ceil(W / s)) for s in (4, 8, 16, 32, 64)]
         expected = tv(ImageList(torch.zeros(2, 3, H, W), [(H, W), (H - 8, W - 8)]), feats)
-        got = ours((H, W), feats)
+        got = torch.cat(ours(feats, (H, W)))
         assert torch.equal(got, expected[0]) and torch.equal(got, expected[1])
     # several sizes per level (the non-FPN form)
     tv1, ours1 = TorchvisionAnchorGenerator(), mo.AnchorGenerator()
     feat = [torch.zeros(1, 1, 25, 34)]
-    assert torch.equal(ours1((400, 544), feat), tv1(ImageList(torch.zeros(1, 3, 400, 544), [(400, 544)]), feat)[0])
+    assert torch.equal(ours1(feat, (400, 544))[0], tv1(ImageList(torch.zeros(1, 3, 400, 544), [(400, 544)]), feat)[0])
 
 
 def test_detectron2_anchors():

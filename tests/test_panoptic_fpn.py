@@ -394,9 +394,7 @@ def test_cuda_float16_autocast_runs(model):
 def test_non_finite_candidates_are_dropped_as_detectron2_does():
     """detectron2 drops proposals with an inf/NaN box or score before anything else (an infinite coordinate
     would clip to a finite one): selecting from candidates with such rows equals selecting from the rest."""
-    from minseg.heads.roi_heads import RoIHeads
-    from minseg.heads.rpn import RPN
-    from minseg.models.panoptic_fpn import DETECTRON2_RPN, detectron2_roi_heads
+    from minseg.models.panoptic_fpn import detectron2_roi_heads, detectron2_rpn
 
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(60, 2, generator=g) * 80
@@ -405,12 +403,12 @@ def test_non_finite_candidates_are_dropped_as_detectron2_does():
     boxes[3, 2], boxes[7, 0], scores[11] = float("inf"), float("nan"), float("nan")
     finite = torch.ones(60, dtype=torch.bool)
     finite[[3, 7, 11]] = False
-    rpn = RPN(DETECTRON2_RPN)
+    rpn = detectron2_rpn()
     ours = rpn.select(boxes, scores, levels, (96, 128), 1000)
     theirs = rpn.select(boxes[finite], scores[finite], levels[finite], (96, 128), 1000)
     assert all(torch.equal(ours[k], theirs[k]) for k in ("boxes", "scores"))
 
-    heads = RoIHeads(detectron2_roi_heads(num_classes=3))
+    heads = detectron2_roi_heads(num_classes=3)
     class_boxes = boxes.repeat(1, 3)  # (60, 3 * 4): one box per class
     probs = torch.rand(60, 4, generator=g).softmax(dim=1) * 4
     probs[20, 1] = float("inf")

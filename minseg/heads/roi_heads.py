@@ -5,7 +5,8 @@
     detections -> multi-scale RoIAlign 14x14 -> 4 conv (+ norm) + ReLU -> 2x2 deconv + ReLU -> 1x1 per class
         -> sigmoid, the detected class's channel -> mask probabilities Tensor[K, 1, 28, 28]
 
-One implementation for both originals at inference; `RoIHeadsConfig` holds what they do differently:
+One implementation for both originals at inference. The two poolers (ops/poolers.py) and the box coder
+(ops/box_coders.py) are passed in; `RoIHeadsConfig` holds the rest of what the originals do differently:
   torchvision (models/detection/roi_heads.py, postprocess_detections, maskrcnn_inference): background is
     class 0 of every layer (cls_score, bbox_pred, mask predictor all have K+1 outputs) and labels are 1..K;
     RoIAlign aligned=False, sampling 2, its level rule and scales inferred from the image sizes; boxes with a
@@ -22,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minseg.ops.box_coders import BoxCoder, Box2BoxTransform
 from minseg.ops.boxes import batched_nms, clip_boxes_to_image
 from minseg.ops.layers import make_norm
 from minseg.ops.poolers import MultiScaleRoIAlign
@@ -35,20 +35,13 @@ class RoIHeadsConfig:
     background: str = "first"                 # "first": torchvision layout (K+1 everywhere); "last": detectron2
     in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
     channels: int = 256
-    # poolers
-    level_rule: str = "torchvision"           # see ops/poolers.py
-    aligned: bool = False
-    sampling_ratio: int = 2                   # 0: adaptive (detectron2)
-    scales: tuple[float, ...] | None = None   # None: inferred from feature and image sizes (torchvision)
     # box head: box_convs 3x3 conv(+norm)+ReLU layers, then flatten and box_fcs fc+ReLU layers
     box_convs: int = 0                        # torchvision v2: 4
     box_fcs: int = 2                          # torchvision v2: 1
     fc_dim: int = 1024
     norm: str | None = None                   # norm after the head convs (torchvision v2: "bn")
     norm_eps: float = 1e-5
-    # box decoding and selection
-    flavour: str = "torchvision"              # box coder: "torchvision" (BoxCoder) | "detectron2" (Box2BoxTransform)
-    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    # selection
     score_thresh: float = 0.05                # keep class scores > this (both originals: strict)
     nms_thresh: float = 0.5
     detections_per_img: int = 100
@@ -130,24 +123,22 @@ class MaskHead(nn.Module):
 class RoIHeads(nn.Module):
     """features {"p2".."p5"}, proposals per image Tensor[P_i, 4], image sizes -> per image {"boxes": Tensor[K, 4],
     "scores": Tensor[K], "labels": Tensor[K] int64, "mask_probs": Tensor[K, 1, 28, 28]} at the network's input
-    scale, by decreasing score."""
+    scale, by decreasing score.
 
-    def __init__(self, cfg: RoIHeadsConfig = RoIHeadsConfig()):
+    box_pooler, mask_pooler: MultiScaleRoIAlign to 7x7 and 14x14 (each original's level rule, alignment and
+    sampling); box_coder: `encode` / `decode` with the box head's weights (ops/box_coders.py).
+    """
+
+    def __init__(self, cfg: RoIHeadsConfig, box_pooler: MultiScaleRoIAlign, mask_pooler: MultiScaleRoIAlign,
+                 box_coder):
         super().__init__()
         if cfg.background not in ("first", "last"):
             raise ValueError(f"background must be 'first' or 'last', got {cfg.background!r}")
-        if cfg.flavour not in ("torchvision", "detectron2"):
-            raise ValueError(f"flavour must be 'torchvision' or 'detectron2', got {cfg.flavour!r}")
         self.cfg = cfg
-        scales = None if cfg.scales is None else list(cfg.scales)
-        pool = dict(aligned=cfg.aligned, level_rule=cfg.level_rule, scales=scales)
-        self.box_pooler = MultiScaleRoIAlign(7, cfg.sampling_ratio, **pool)
-        self.mask_pooler = MultiScaleRoIAlign(14, cfg.sampling_ratio, **pool)
+        self.box_pooler, self.mask_pooler, self.box_coder = box_pooler, mask_pooler, box_coder
         self.box_head = BoxHead(cfg)
         self.box_predictor = BoxPredictor(cfg)
         self.mask_head = MaskHead(cfg)
-        coder = BoxCoder if cfg.flavour == "torchvision" else Box2BoxTransform
-        self.box_coder = coder(cfg.bbox_reg_weights)
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
@@ -157,7 +148,7 @@ class RoIHeads(nn.Module):
         # 1. box head on every proposal, then per image selection
         x = self.box_head(self.box_pooler(feats, proposals, image_sizes, table))   # (R, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
-        boxes = self.decode(box_deltas, torch.cat(proposals))                       # (R, B*4)
+        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))             # (R, B*4)
         probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
         detections = [self.select(b, p, size) for b, p, size in
                       zip(boxes.split(counts), probs.split(counts), image_sizes)]
@@ -172,11 +163,6 @@ class RoIHeads(nn.Module):
         for d, m in zip(detections, mask_probs.split([len(d["labels"]) for d in detections])):
             d["mask_probs"] = m
         return detections
-
-    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
-        if isinstance(self.box_coder, BoxCoder):
-            return self.box_coder.decode(deltas, boxes)
-        return self.box_coder.apply_deltas(deltas, boxes)
 
     def select(self, boxes: Tensor, probs: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
         """One image: boxes Tensor[R, B*4], class probabilities Tensor[R, K+1] -> kept detections."""

@@ -4,13 +4,14 @@
     decode deltas at the anchors -> per level keep the top pre_nms_top_n by objectness
     per image: clip to the image, drop small boxes, (score threshold), NMS within each level, keep post_nms_top_n
 
-One implementation for both originals at inference; `RPNConfig` holds what they do differently:
-  torchvision (models/detection/rpn.py, RegionProposalNetwork.filter_proposals): rounded anchors with strides
-    from the padded size, BoxCoder decode of all levels at once, scores are sigmoid probabilities, boxes kept
-    when both sides >= 1e-3, then scores >= 0.0.
-  detectron2 (proposal_generator/rpn.py + proposal_utils.py find_top_rpn_proposals): exact anchors at nominal
-    strides, Box2BoxTransform decode per level, scores stay logits, non-finite boxes dropped, boxes kept when
-    both sides > 0, no score threshold.
+One implementation for both originals at inference. The anchor generator and the box coder are passed in
+(ops/anchors.py, ops/box_coders.py); `RPNConfig` holds the rest of what they do differently:
+  torchvision (models/detection/rpn.py, RegionProposalNetwork.filter_proposals): AnchorGenerator (rounded
+    anchors, strides from the padded size), BoxCoder decode of all levels at once, scores are sigmoid
+    probabilities, boxes kept when both sides >= 1e-3, then scores >= 0.0.
+  detectron2 (proposal_generator/rpn.py + proposal_utils.py find_top_rpn_proposals): DefaultAnchorGenerator
+    (exact anchors at nominal strides), Box2BoxTransform decode per level, scores stay logits, non-finite boxes
+    dropped, boxes kept when both sides > 0, no score threshold.
 Both then run NMS per level (batched_nms with the level as the class) and keep the first post_nms_top_n, which
 are already sorted by score.
 """
@@ -22,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minseg.ops.anchors import AnchorGenerator, DefaultAnchorGenerator
-from minseg.ops.box_coders import BoxCoder, Box2BoxTransform
 from minseg.ops.boxes import batched_nms, clip_boxes_to_image
 
 
@@ -32,9 +31,8 @@ class RPNConfig:
     in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5", "p6")
     channels: int = 256
     conv_depth: int = 1                       # 3x3 conv + ReLU layers before the 1x1s (torchvision v2: 2)
-    anchor_sizes: tuple[tuple[float, ...], ...] = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)   # height / width
-    flavour: str = "torchvision"              # anchors + box coder + decode layout: "torchvision" | "detectron2"
+    decode_per_level: bool = False            # torchvision decodes all levels in one call, detectron2 level by
+                                              # level; vectorised exp rounds a call's tail apart, so it is kept
     pre_nms_top_n_test: int = 1000            # per level
     post_nms_top_n_test: int = 1000           # per image
     pre_nms_top_n_train: int = 2000
@@ -49,16 +47,19 @@ class RPNConfig:
 
 class RPN(nn.Module):
     """features {"p2": Tensor[N, C, H2, W2], ...} -> per image {"boxes": Tensor[P, 4] xyxy, "scores": Tensor[P]},
-    P <= post_nms_top_n, by decreasing score."""
+    P <= post_nms_top_n, by decreasing score.
 
-    def __init__(self, cfg: RPNConfig = RPNConfig()):
+    anchor_generator: `generator(feature_maps, padded_size)` -> per level Tensor[H*W*A, 4] (ops/anchors.py);
+    box_coder: `encode(targets, anchors)` / `decode(deltas, anchors)` (ops/box_coders.py, weights (1, 1, 1, 1)).
+    """
+
+    def __init__(self, cfg: RPNConfig, anchor_generator: nn.Module, box_coder):
         super().__init__()
-        if cfg.flavour not in ("torchvision", "detectron2"):
-            raise ValueError(f"flavour must be 'torchvision' or 'detectron2', got {cfg.flavour!r}")
         if cfg.objectness not in ("sigmoid", "logits"):
             raise ValueError(f"objectness must be 'sigmoid' or 'logits', got {cfg.objectness!r}")
         self.cfg = cfg
-        A = len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0])
+        self.anchor_generator, self.box_coder = anchor_generator, box_coder
+        A = anchor_generator.num_anchors_per_location()[0]  # the same on every level (one shared head)
         C = cfg.channels
         self.conv = nn.ModuleList(nn.Conv2d(C, C, 3, padding=1) for _ in range(cfg.conv_depth))
         self.cls_logits = nn.Conv2d(C, A, 1)
@@ -67,12 +68,6 @@ class RPN(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
                 nn.init.zeros_(m.bias)
-        if cfg.flavour == "torchvision":
-            self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,))
-            self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        else:
-            self.anchor_generator = DefaultAnchorGenerator(cfg.anchor_sizes, (cfg.aspect_ratios,))
-            self.box_coder = Box2BoxTransform((1.0, 1.0, 1.0, 1.0))
 
     def head(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: objectness logits Tensor[N, H*W*A] and deltas Tensor[N, H*W*A, 4], location-major."""
@@ -91,22 +86,13 @@ class RPN(nn.Module):
     def decode(self, deltas: list[Tensor], anchors: list[Tensor]) -> Tensor:
         """Per-level deltas and anchors -> proposals Tensor[N, sum H*W*A, 4]."""
         N = deltas[0].shape[0]
-        if self.cfg.flavour == "torchvision":
-            # kept: one decode over every image and level, as torchvision's BoxCoder.decode does
-            codes = torch.cat(deltas, dim=1).reshape(-1, 4)                             # (N*R, 4)
-            boxes = torch.cat(anchors).repeat(N, 1)                                    # (N*R, 4)
-            return self.box_coder.decode(codes, boxes).view(N, -1, 4)
-        out = [self.box_coder.apply_deltas(d.reshape(-1, 4), a.expand(N, -1, -1).reshape(-1, 4)).view(N, -1, 4)
-               for d, a in zip(deltas, anchors)]  # detectron2 decodes level by level
-        return torch.cat(out, dim=1)
-
-    def anchors(self, feats: list[Tensor], padded_size: tuple[int, int]) -> list[Tensor]:
-        """Per level Tensor[H*W*A, 4], the same for every image."""
-        if self.cfg.flavour == "detectron2":
-            return self.anchor_generator(feats)
-        counts = [f.shape[-2] * f.shape[-1] for f in feats]
-        per_location = self.anchor_generator.num_anchors_per_location()
-        return list(self.anchor_generator(padded_size, feats).split([c * a for c, a in zip(counts, per_location)]))
+        if self.cfg.decode_per_level:
+            out = [self.box_coder.decode(d.reshape(-1, 4), a.expand(N, -1, -1).reshape(-1, 4)).view(N, -1, 4)
+                   for d, a in zip(deltas, anchors)]
+            return torch.cat(out, dim=1)
+        codes = torch.cat(deltas, dim=1).reshape(-1, 4)                                 # (N*R, 4)
+        boxes = torch.cat(anchors).repeat(N, 1)                                        # (N*R, 4)
+        return self.box_coder.decode(codes, boxes).view(N, -1, 4)
 
     def forward(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
                 padded_size: tuple[int, int]) -> list[dict[str, Tensor]]:
@@ -116,7 +102,8 @@ class RPN(nn.Module):
         feats = [features[k] for k in cfg.in_features]
         N = feats[0].shape[0]
         logits, deltas = self.head(feats)
-        proposals = self.decode([d.detach() for d in deltas], self.anchors(feats, padded_size))  # (N, R, 4)
+        anchors = self.anchor_generator(feats, padded_size)  # per level, the same for every image
+        proposals = self.decode([d.detach() for d in deltas], anchors)              # (N, R, 4)
         # 1. top pre_nms_top_n per level, by logit
         pre_nms_top_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test
         top_idx, levels, start = [], [], 0

@@ -33,8 +33,11 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
+from minseg.ops.anchors import AnchorGenerator
+from minseg.ops.box_coders import BoxCoder
 from minseg.ops.forms import device_scalar, copy_to_device
 from minseg.ops.masks import paste_masks_torchvision
+from minseg.ops.poolers import MultiScaleRoIAlign
 
 
 @dataclass(frozen=True)
@@ -143,11 +146,15 @@ def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_me
     rpn = RPN(RPNConfig(conv_depth=2 if v2 else 1, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
                         post_nms_top_n_test=rpn_post_nms_top_n_test, pre_nms_top_n_train=rpn_pre_nms_top_n_train,
                         post_nms_top_n_train=rpn_post_nms_top_n_train, nms_thresh=rpn_nms_thresh,
-                        score_thresh=rpn_score_thresh))
-    roi_heads = RoIHeads(RoIHeadsConfig(
-        num_classes=num_classes - 1, box_convs=4 if v2 else 0, box_fcs=1 if v2 else 2, norm=head_norm,
-        norm_eps=norm_eps, bbox_reg_weights=tuple(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0)),
-        score_thresh=box_score_thresh, nms_thresh=box_nms_thresh, detections_per_img=box_detections_per_img))
+                        score_thresh=rpn_score_thresh),
+              AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),)),
+              BoxCoder((1.0, 1.0, 1.0, 1.0)))
+    roi_heads = RoIHeads(
+        RoIHeadsConfig(num_classes=num_classes - 1, box_convs=4 if v2 else 0, box_fcs=1 if v2 else 2, norm=head_norm,
+                       norm_eps=norm_eps, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
+                       detections_per_img=box_detections_per_img),
+        MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
+        BoxCoder(tuple(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))))
     return MaskRCNN(transform, backbone, fpn, rpn, roi_heads)
 
 

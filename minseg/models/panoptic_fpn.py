@@ -27,7 +27,10 @@ from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
 from minseg.models._inputs import check_image_list
 from minseg.necks.fpn import FPN, FPNConfig
+from minseg.ops.anchors import DefaultAnchorGenerator
+from minseg.ops.box_coders import Box2BoxTransform
 from minseg.ops.masks import paste_masks_detectron2
+from minseg.ops.poolers import MultiScaleRoIAlign
 
 
 @dataclass(frozen=True)
@@ -166,25 +169,28 @@ def detector_postprocess(det: dict[str, torch.Tensor], size: tuple[int, int], he
 
 # The shared Mask R-CNN modules, set to what detectron2's Base-RCNN-FPN.yaml does (spec section 12)
 DETECTRON2_FPN = FPNConfig(upsample="scale2")                  # interpolate(scale_factor=2), LastLevelMaxPool p6
-DETECTRON2_RPN = RPNConfig(flavour="detectron2",               # exact anchors at strides 4..64, Box2BoxTransform
-                           objectness="logits", score_thresh=None,   # NMS on raw logits, no score threshold
-                           min_size=0.0, min_size_strict=True,       # keep boxes with w > 0 and h > 0
-                           drop_nonfinite=True)
+def detectron2_rpn() -> RPN:
+    cfg = RPNConfig(decode_per_level=True, objectness="logits", score_thresh=None,  # NMS on raw logits, no threshold
+                    min_size=0.0, min_size_strict=True,                            # keep boxes with w > 0 and h > 0
+                    drop_nonfinite=True)
+    # exact anchors at strides 4..64 (sizes 32..512, one per level), deltas unweighted
+    return RPN(cfg, DefaultAnchorGenerator(), Box2BoxTransform((1.0, 1.0, 1.0, 1.0)))
 
 
-def detectron2_roi_heads(num_classes: int) -> RoIHeadsConfig:
-    return RoIHeadsConfig(num_classes=num_classes, background="last", flavour="detectron2",
-                          level_rule="detectron2", aligned=True, sampling_ratio=0,   # ROIAlignV2, adaptive
-                          scales=(1 / 4, 1 / 8, 1 / 16, 1 / 32),
-                          min_size=None, drop_nonfinite=True)                      # no small-box removal
+def detectron2_roi_heads(num_classes: int) -> RoIHeads:
+    cfg = RoIHeadsConfig(num_classes=num_classes, background="last",
+                         min_size=None, drop_nonfinite=True)                     # no small-box removal
+    # ROIAlignV2 (aligned, adaptive sampling) at fixed scales, detectron2's level rule
+    pool = dict(aligned=True, level_rule="detectron2", scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    return RoIHeads(cfg, MultiScaleRoIAlign(7, 0, **pool), MultiScaleRoIAlign(14, 0, **pool),
+                    Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
 
 
 def panoptic_fpn(depth: int, num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
     cfg = PanopticFPNConfig(depth=depth, num_classes=num_classes, num_sem_seg_classes=num_sem_seg_classes)
     backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
                                     out_features=("c2", "c3", "c4", "c5")))
-    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), RPN(DETECTRON2_RPN),
-                       RoIHeads(detectron2_roi_heads(num_classes)),
+    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(num_classes),
                        SemSegFPNHead(SemSegFPNConfig(num_classes=num_sem_seg_classes)))
 
 

@@ -7,6 +7,9 @@ cell anchors and the grid strides differently:
   (torch.round, half to even) in float32; the stride of a level is padded_image_size // grid_size.
 - detectron2 (modeling/anchor_generator.py, DefaultAnchorGenerator): cell anchors are exact float64 maths
   stored as float32, no rounding; strides are the nominal 4, 8, ..., offset 0.0.
+
+Both are called the same way, so the RPN takes either: `generator(feature_maps, padded_size)` -> one
+Tensor[H_l*W_l*A, 4] per level, and `generator.num_anchors_per_location()` -> A per level.
 """
 from __future__ import annotations
 
@@ -66,8 +69,9 @@ class AnchorGenerator(nn.Module):
     """torchvision's AnchorGenerator as a function of feature-map and image sizes.
 
     sizes[l] and aspect_ratios[l] give the anchors of level l (Mask R-CNN: ((32,), (64,), ..., (512,)) and
-    ((0.5, 1.0, 2.0),) * 5). forward(image_size, feature_maps) -> Tensor[sum_l H_l*W_l*A_l, 4] in the dtype
-    and device of the feature maps; the same anchors serve every image of the batch.
+    ((0.5, 1.0, 2.0),) * 5). forward(feature_maps, padded_size) -> per level Tensor[H_l*W_l*A_l, 4] in the
+    dtype and device of the feature maps; the same anchors serve every image of the batch (torchvision
+    concatenates the levels).
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((128, 256, 512),),
@@ -81,24 +85,24 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) * len(a) for s, a in zip(self.sizes, self.aspect_ratios)]
 
-    def forward(self, image_size: tuple[int, int], feature_maps: list[Tensor]) -> Tensor:
+    def forward(self, feature_maps: list[Tensor], padded_size: tuple[int, int]) -> list[Tensor]:
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
         anchors = []
         for cells, feature in zip(self.cell_anchors, feature_maps):
             H, W = feature.shape[-2:]
             # kept: stride = padded size // grid size, so a level whose size is not an exact divisor
             # (e.g. 800 // 13 = 61 on p6) gets torchvision's stride, not the nominal one
-            stride = (image_size[0] // H, image_size[1] // W)
+            stride = (padded_size[0] // H, padded_size[1] // W)
             cells = cells.to(device=device, dtype=dtype, non_blocking=True)  # host to GPU without a sync
             anchors.append(grid_anchors(cells, (H, W), stride))
-        return torch.cat(anchors)
+        return anchors
 
 
 class DefaultAnchorGenerator(nn.Module):
     """detectron2's DefaultAnchorGenerator: fixed strides, offset 0.0 by default, unrounded cell anchors.
 
-    forward(feature_maps) -> list of Tensor[H_l*W_l*A, 4] float32, one per level (detectron2 keeps levels apart).
-    The cell anchors are buffers (`cell_anchors.{l}` in detectron2's state dict, non-persistent here).
+    forward(feature_maps, padded_size=None) -> list of Tensor[H_l*W_l*A, 4] float32, one per level (the padded
+    size is not needed: the strides are fixed). The cell anchors are buffers (`cell_anchors.{l}` in detectron2's state dict, non-persistent here).
     """
 
     def __init__(self, sizes: Sequence[Sequence[float]] = ((32,), (64,), (128,), (256,), (512,)),
@@ -112,11 +116,10 @@ class DefaultAnchorGenerator(nn.Module):
         for i, cells in enumerate(self._cells):
             self.register_buffer(f"cell_anchors_{i}", cells, persistent=False)
 
-    @property
-    def num_cell_anchors(self) -> list[int]:
+    def num_anchors_per_location(self) -> list[int]:
         return [len(c) for c in self._cells]
 
-    def forward(self, feature_maps: list[Tensor]) -> list[Tensor]:
+    def forward(self, feature_maps: list[Tensor], padded_size: tuple[int, int] | None = None) -> list[Tensor]:
         out = []
         for i, feature in enumerate(feature_maps):
             cells = getattr(self, f"cell_anchors_{i}")

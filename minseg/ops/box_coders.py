@@ -8,7 +8,9 @@ in small details that change the last bits, which parity needs, so each is writt
   (1, 1, 1, 1) in the RPN and (10, 10, 5, 5) in the box head.
 - `Box2BoxTransform`: detectron2/modeling/box_regression.py; decodes in float32 whatever the input dtype.
 
-Boxes are absolute xyxy `Tensor[N, 4]`; deltas for K classes per box are `Tensor[N, K*4]` laid out
+Both have one interface, so a head takes either: `encode(targets, references)` -> deltas Tensor[N, 4] of the
+target boxes relative to the reference boxes (anchors or proposals), and `decode(deltas, references)` ->
+boxes. Boxes are absolute xyxy `Tensor[N, 4]`; deltas for K classes per box are `Tensor[N, K*4]` laid out
 (dx, dy, dw, dh) per class.
 """
 from __future__ import annotations
@@ -24,27 +26,26 @@ DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 class BoxCoder:
     """torchvision's BoxCoder.
 
-    encode(reference_boxes, proposals): Tensor[N, 4], Tensor[N, 4] -> Tensor[N, 4] deltas of the reference
-    (target) boxes relative to the proposals. decode(rel_codes, boxes): Tensor[N, K*4], Tensor[N, 4] ->
-    Tensor[N, K*4] (torchvision's `decode_single`; its list-taking `decode` is `decode_single` on the
-    concatenation, reshaped to (N, K, 4)).
+    encode(targets, references): Tensor[N, 4] x2 -> Tensor[N, 4] (torchvision's `encode_single`).
+    decode(deltas, references): Tensor[N, K*4], Tensor[N, 4] -> Tensor[N, K*4] (torchvision's `decode_single`;
+    its list-taking `decode` is `decode_single` on the concatenation, reshaped to (N, K, 4)).
     """
 
     def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = DEFAULT_SCALE_CLAMP):
         self.weights = weights
         self.bbox_xform_clip = bbox_xform_clip
 
-    def encode(self, reference_boxes: Tensor, proposals: Tensor) -> Tensor:
-        weights = torch.as_tensor(self.weights, dtype=reference_boxes.dtype, device=reference_boxes.device)
+    def encode(self, targets: Tensor, references: Tensor) -> Tensor:
+        weights = torch.as_tensor(self.weights, dtype=targets.dtype, device=targets.device)
         wx, wy, ww, wh = weights[0], weights[1], weights[2], weights[3]
-        ex_widths = proposals[:, 2:3] - proposals[:, 0:1]  # (N, 1)
-        ex_heights = proposals[:, 3:4] - proposals[:, 1:2]
-        ex_ctr_x = proposals[:, 0:1] + 0.5 * ex_widths
-        ex_ctr_y = proposals[:, 1:2] + 0.5 * ex_heights
-        gt_widths = reference_boxes[:, 2:3] - reference_boxes[:, 0:1]
-        gt_heights = reference_boxes[:, 3:4] - reference_boxes[:, 1:2]
-        gt_ctr_x = reference_boxes[:, 0:1] + 0.5 * gt_widths
-        gt_ctr_y = reference_boxes[:, 1:2] + 0.5 * gt_heights
+        ex_widths = references[:, 2:3] - references[:, 0:1]  # (N, 1)
+        ex_heights = references[:, 3:4] - references[:, 1:2]
+        ex_ctr_x = references[:, 0:1] + 0.5 * ex_widths
+        ex_ctr_y = references[:, 1:2] + 0.5 * ex_heights
+        gt_widths = targets[:, 2:3] - targets[:, 0:1]
+        gt_heights = targets[:, 3:4] - targets[:, 1:2]
+        gt_ctr_x = targets[:, 0:1] + 0.5 * gt_widths
+        gt_ctr_y = targets[:, 1:2] + 0.5 * gt_heights
         # kept: weight * difference, then / size (not weight * (difference / size)): the original's order.
         dx = wx * (gt_ctr_x - ex_ctr_x) / ex_widths
         dy = wy * (gt_ctr_y - ex_ctr_y) / ex_heights
@@ -52,17 +53,17 @@ class BoxCoder:
         dh = wh * torch.log(gt_heights / ex_heights)
         return torch.cat((dx, dy, dw, dh), dim=1)  # (N, 4)
 
-    def decode(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
-        boxes = boxes.to(rel_codes.dtype)
+    def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
+        boxes = references.to(deltas.dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths
         ctr_y = boxes[:, 1] + 0.5 * heights
         wx, wy, ww, wh = self.weights
-        dx = rel_codes[:, 0::4] / wx  # (N, K)
-        dy = rel_codes[:, 1::4] / wy
-        dw = torch.clamp(rel_codes[:, 2::4] / ww, max=self.bbox_xform_clip)
-        dh = torch.clamp(rel_codes[:, 3::4] / wh, max=self.bbox_xform_clip)
+        dx = deltas[:, 0::4] / wx  # (N, K)
+        dy = deltas[:, 1::4] / wy
+        dw = torch.clamp(deltas[:, 2::4] / ww, max=self.bbox_xform_clip)
+        dh = torch.clamp(deltas[:, 3::4] / wh, max=self.bbox_xform_clip)
         pred_ctr_x = dx * widths[:, None] + ctr_x[:, None]
         pred_ctr_y = dy * heights[:, None] + ctr_y[:, None]
         half_w = 0.5 * (torch.exp(dw) * widths[:, None])
@@ -74,15 +75,16 @@ class BoxCoder:
 class Box2BoxTransform:
     """detectron2's Box2BoxTransform.
 
-    get_deltas(src_boxes, target_boxes): Tensor[N, 4] x2 -> Tensor[N, 4];
-    apply_deltas(deltas, boxes): Tensor[N, K*4], Tensor[N, 4] -> Tensor[N, K*4] float32.
+    encode(targets, references): Tensor[N, 4] x2 -> Tensor[N, 4] (detectron2's `get_deltas(references, targets)`).
+    decode(deltas, references): Tensor[N, K*4], Tensor[N, 4] -> Tensor[N, K*4] float32 (`apply_deltas`).
     """
 
     def __init__(self, weights: tuple[float, float, float, float], scale_clamp: float = DEFAULT_SCALE_CLAMP):
         self.weights = weights
         self.scale_clamp = scale_clamp
 
-    def get_deltas(self, src_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+    def encode(self, targets: Tensor, references: Tensor) -> Tensor:
+        src_boxes, target_boxes = references, targets
         src_widths = src_boxes[:, 2] - src_boxes[:, 0]
         src_heights = src_boxes[:, 3] - src_boxes[:, 1]
         src_ctr_x = src_boxes[:, 0] + 0.5 * src_widths
@@ -98,9 +100,9 @@ class Box2BoxTransform:
         dh = wh * torch.log(target_heights / src_heights)
         return torch.stack((dx, dy, dw, dh), dim=1)  # (N, 4)
 
-    def apply_deltas(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+    def decode(self, deltas: Tensor, references: Tensor) -> Tensor:
         deltas = deltas.float()  # kept: the original decodes in float32 whatever comes in
-        boxes = boxes.to(deltas.dtype)
+        boxes = references.to(deltas.dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths
