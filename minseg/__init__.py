@@ -10,9 +10,9 @@ from __future__ import annotations
 import importlib
 
 from minseg.convert import convert
-from minseg.errors import CheckpointError
+from minseg.errors import CheckpointError, DownloadError
 
-__all__ = ["CheckpointError", "convert", "create_model", "list_models", "__version__"]
+__all__ = ["CheckpointError", "DownloadError", "convert", "create_model", "list_models", "__version__"]
 
 _LAZY = {"create_model": "minseg.registry", "list_models": "minseg.registry", "__version__": "minseg.weights"}
 

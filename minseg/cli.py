@@ -77,10 +77,16 @@ def cmd_predict(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from minseg.download import download
+    from minseg.download import cached_record, download
 
+    if args.sha256 and len(args.names) > 1:
+        raise UsageError("--sha256 pins one file: give one model name with it")
     for name in args.names:
-        print(download(name, manifest=args.manifest, force=args.force))
+        path = download(name, manifest=args.manifest, force=args.force, sha256=args.sha256)
+        record = cached_record(name) or {}
+        print(f"{name}: checked by {record.get('check', '?')}; sha256 of the original {record.get('source_sha256', '?')}",
+              file=sys.stderr)
+        print(path)
     return 0
 
 
@@ -118,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help="model names (see weights/manifest.json)")
     p.add_argument("--manifest", help="another manifest file (default: weights/manifest.json)")
     p.add_argument("--force", action="store_true", help="download again even if cached")
+    p.add_argument("--sha256", metavar="HEX", help="the original file's full sha256 (64 hex digits) to check, "
+                   "instead of the manifest's hash (detectron2's names carry only a 24-bit md5 prefix)")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("predict", help="run a model on images; writes overlay PNGs and JSON")
