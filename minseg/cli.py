@@ -67,12 +67,18 @@ def cmd_predict(args) -> int:
         raise UsageError(f"{args.weights}: no such weights file")
     device = _usable_device(args.device)
     model = minseg.create_model(args.model, weights=args.weights).to(device)
+    if args.weights is None:
+        print(f"minseg predict: note: no --weights, so {args.model} runs on random init and its output means nothing "
+              f"(see `minseg download` and `minseg convert`)", file=sys.stderr)
     out_dir = Path(args.out)
     for path in images:
         (result,) = model.predict([str(path)])
         out_dir.mkdir(parents=True, exist_ok=True)  # once there is something to write
-        for written in save_prediction(args.model, path, result, out_dir, args.score_threshold):
-            print(written)
+        written = save_prediction(args.model, path, result, out_dir, args.score_threshold, weights=args.weights)
+        summary = json.loads(written[-1].read_text())["summary"]
+        print(f"{path}: {summary}", file=sys.stderr)
+        for w in written:
+            print(w)
     return 0
 
 
@@ -106,11 +112,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class ShowVersion(argparse.Action):
+    """--version, reading the version only when asked (minseg.weights loads torch)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from minseg.weights import VERSION
+
+        print(f"minseg {VERSION}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minseg", description="Readable segmentation models, proven equal to the originals.")
+    parser.add_argument("--version", action=ShowVersion, help="print minseg's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("list", help="list the model names")
+    p = sub.add_parser("list", help="list the model names", description="Print the model names, one a line.")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("convert", help="convert an original's checkpoint to a minseg .safetensors file")
@@ -128,13 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of the manifest's hash (detectron2's names carry only a 24-bit md5 prefix)")
     p.set_defaults(func=cmd_download)
 
-    p = sub.add_parser("predict", help="run a model on images; writes overlay PNGs and JSON")
-    p.add_argument("--model", required=True)
-    p.add_argument("--weights", help="minseg .safetensors (random init when omitted)")
-    p.add_argument("--out", default="out", help="output directory (default: ./out)")
-    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("predict", help="run a model on images; writes overlay PNGs and JSON",
+                       description="Run a model on images: for each, OUT/<stem>.<model>.png (the overlay) and .json "
+                                   "(classes, detections or segments, and the weights used). A one-line summary per "
+                                   "image goes to stderr, the written paths to stdout.")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see `minseg list`)")
+    p.add_argument("--weights", metavar="FILE", help="minseg .safetensors from `minseg convert` or `minseg download` "
+                   "(without it the model runs on random init, and says so)")
+    p.add_argument("--out", default="out", metavar="DIR", help="output directory (default: ./out)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this (JSON lists all)")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("parity", help="every model against its original: one table; exit 1 if any fails")
