@@ -96,19 +96,33 @@ def cmd_download(args) -> int:
     return 0
 
 
-def cmd_parity(args) -> int:
-    from minseg_ref.parity import format_table, run
+def streamer(header: str, format_row):
+    """on_row for a table printed row by row: the header comes with the first row (so that a refused
+    request prints only its error)."""
+    pending = [header]
 
-    rows = run(args.model or None)
-    print(format_table(rows))
+    def show(row) -> None:
+        if pending:
+            print(pending.pop(), flush=True)
+        print(format_row(row), flush=True)
+
+    return show
+
+
+def cmd_parity(args) -> int:
+    from minseg_ref.parity import FOOTER, format_header, format_row, run
+
+    rows = run(args.model or None, on_row=streamer(format_header(), format_row))  # each row as it finishes
+    print(FOOTER)
     return 0 if all(r.passed for r in rows) else 1
 
 
 def cmd_bench(args) -> int:
-    from minseg_ref.bench import format_table, run
+    from minseg_ref.bench import format_footer, format_header, format_row, run
 
-    rows = run(args.model or None, device=args.device, ops=args.ops, repeats=args.repeats)
-    print(format_table(rows))
+    rows = run(args.model or None, device=args.device, ops=args.ops, repeats=args.repeats,
+               on_row=streamer(format_header(), format_row))  # each row as it is measured
+    print(format_footer(rows))
     return 0
 
 

@@ -126,30 +126,54 @@ def family_benches() -> dict:
     return benches
 
 
-def run(models: list[str] | None, device: str = "cpu", ops: bool = False, repeats: int = 3) -> list[BenchRow]:
+def run(models: list[str] | None, device: str = "cpu", ops: bool = False, repeats: int = 3,
+        on_row: Callable[[BenchRow], None] | None = None) -> list[BenchRow]:
+    """Benchmark `models` (all when None) in order; `on_row` gets each row as soon as it is measured, while a
+    progress line on stderr (terminals only) names the model being timed and its time so far."""
+    from minseg_ref.progress import Progress
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     benches = family_benches()
     unknown = [m for m in models or [] if m not in benches]
     if unknown:
         raise ValueError(f"no benchmark for {', '.join(unknown)}; available: {', '.join(benches)}")
-    rows = [benches[m](device, repeats) for m in (models or list(benches))]
-    if ops:
-        from minseg_ref.bench_ops import bench_ops
+    names = models or list(benches)
+    rows = []
+    with Progress(len(names) + ops) as progress:
+        for i, name in enumerate(names, 1):
+            progress.step(i, name)
+            rows.append(benches[name](device, repeats))
+            progress.clear()
+            if on_row is not None:
+                on_row(rows[-1])
+        if ops:
+            from minseg_ref.bench_ops import bench_ops
 
-        rows += [BenchRow(r["name"], device, r.get("input", ""), r["ours_ms"], r["original_ms"]) for r in bench_ops(device)]
+            progress.step(len(names) + 1, "operators (RoIAlign, NMS)")
+            measured = [BenchRow(r["name"], device, r.get("input", ""), r["ours_ms"], r["original_ms"]) for r in bench_ops(device)]
+            progress.clear()
+            for row in measured:
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
     return rows
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+def format_header() -> str:
     header = f"{'model':<28} {'device':<6} {'input':<22} {'minseg ms':>10} {'original ms':>11} {'ratio':>6} {'peak MB (ours/orig)':>20}  note"
-    lines = [header, "-" * len(header)]
-    for r in rows:
-        peak = f"{fmt(r.ours_peak_mb, '.0f')}/{fmt(r.original_peak_mb, '.0f')}"
-        lines.append(f"{r.model:<28} {r.device:<6} {r.input:<22} {r.ours_ms:>10.1f} {fmt(r.original_ms, '11.1f'):>11} "
-                     f"{fmt(r.ratio, '.3f'):>6} {peak:>20}  {r.note}")
-    lines.append("ratio = minseg time / original time (median of interleaved runs; < 1 means minseg is faster)")
+    return header + "\n" + "-" * len(header)
+
+
+def format_row(r: BenchRow) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)
+    peak = f"{fmt(r.ours_peak_mb, '.0f')}/{fmt(r.original_peak_mb, '.0f')}"
+    return (f"{r.model:<28} {r.device:<6} {r.input:<22} {r.ours_ms:>10.1f} {fmt(r.original_ms, '11.1f'):>11} "
+            f"{fmt(r.ratio, '.3f'):>6} {peak:>20}  {r.note}")
+
+
+def format_footer(rows: list[BenchRow]) -> str:
+    lines = ["ratio = minseg time / original time (median of interleaved runs; < 1 means minseg is faster)"]
     devices = {r.device for r in rows}
     if "cpu" in devices:
         lines.append("CPU peak MB = resident-set high-water mark of one forward minus the resident set before it "
@@ -158,3 +182,7 @@ def format_table(rows: list[BenchRow]) -> str:
     if "cuda" in devices:
         lines.append("CUDA peak MB = torch.cuda.max_memory_allocated during one forward minus memory_allocated before it")
     return "\n".join(lines)
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    return "\n".join([format_header(), *map(format_row, rows), format_footer(rows)])

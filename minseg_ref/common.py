@@ -23,6 +23,7 @@ class ParityRow:
     max_rel: float          # max_abs relative to the compared tensor's max |original|
     passed: bool
     detail: str = ""
+    checks: str = "numbers"  # or "structure only": no outputs of the original to compare with (detail says why)
 
 
 def diff(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

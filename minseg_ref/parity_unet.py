@@ -61,7 +61,7 @@ def check() -> ParityRow:
     ref, ours = build_pair(num_classes=3, seed=0)
     equal &= compare(ref, ours, torch.randn(2, 3, 224, 320, generator=g), tally)
     equal &= compare(ref, ours, torch.randn(1, 3, 225, 321, generator=g), tally)  # smp accepts sizes not divisible by 32
-    detail = f"K=3; 2x3x224x320 + 1x3x225x321; {'bitwise equal' if equal else 'not bitwise equal'}"
+    detail = f"3 classes; inputs 2x3x224x320 + 1x3x225x321; {'bitwise equal' if equal else 'not bitwise equal'}"
     return ParityRow("unet_resnet34", 'smp.Unet("resnet34")', tally.max_abs, tally.max_rel, tally.max_rel <= TOLERANCE, detail)
 
 
