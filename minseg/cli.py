@@ -67,16 +67,15 @@ def cmd_predict(args) -> int:
         raise UsageError(f"{args.weights}: no such weights file")
     device = _usable_device(args.device)
     model = minseg.create_model(args.model, weights=args.weights).to(device)
-    if args.weights is None:
-        print(f"minseg predict: note: no --weights, so {args.model} runs on random init and its output means nothing "
-              f"(see `minseg download` and `minseg convert`)", file=sys.stderr)
     out_dir = Path(args.out)
-    for path in images:
+    for i, path in enumerate(images):
         (result,) = model.predict([str(path)])
         out_dir.mkdir(parents=True, exist_ok=True)  # once there is something to write
         written = save_prediction(args.model, path, result, out_dir, args.score_threshold, weights=args.weights)
-        summary = json.loads(written[-1].read_text())["summary"]
-        print(f"{path}: {summary}", file=sys.stderr)
+        if i == 0 and args.weights is None:  # after the first success, so that a refused input stays one line
+            print(f"minseg predict: note: no --weights, so {args.model} runs on random init and its output means "
+                  f"nothing (see `minseg download` and `minseg convert`)", file=sys.stderr)
+        print(f"{path}: {json.loads(written[-1].read_text())['summary']}", file=sys.stderr)
         for w in written:
             print(w)
     return 0
