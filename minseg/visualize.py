@@ -161,9 +161,11 @@ def boundaries(seg: np.ndarray) -> np.ndarray:
 
 
 def panoptic_colours() -> tuple[np.ndarray, np.ndarray]:
-    """Fixed colours of COCO panoptic's 80 thing and 53 stuff classes, all 133 distinct (ΔE76 >= 16)."""
-    colours = palette(len(COCO_CLASSES) + len(COCO_PANOPTIC_STUFF))
-    return colours[: len(COCO_CLASSES)], colours[len(COCO_CLASSES):]
+    """Fixed colours of COCO panoptic's 80 thing and 53 stuff classes, all 133 distinct (ΔE76 >= 16), as
+    (things [80, 3], stuff [54, 3]); stuff 0 is detectron2's "things" placeholder, never drawn (black)."""
+    colours = palette(len(COCO_CLASSES) + len(COCO_PANOPTIC_STUFF) - 1)
+    things, stuff = colours[: len(COCO_CLASSES)], colours[len(COCO_CLASSES):]
+    return things, np.concatenate([np.zeros((1, 3), np.uint8), stuff])
 
 
 def panoptic_overlay(rgb: np.ndarray, result: dict) -> tuple[Image.Image, dict]:
