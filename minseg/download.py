@@ -13,6 +13,7 @@ a killed run is removed by the next download once its process is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -248,8 +249,9 @@ def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: 
             record = {"arch": arch, "url": url, "file": entry["file"], "check": check_strength(entry, sha256),
                       "source_sha256": source_sha256, "safetensors_sha256": file_sha256(converted)}
             (Path(tmp) / record_path.name).write_text(json.dumps(record, indent=1) + "\n")
-            os.replace(converted, target)
-            os.replace(Path(tmp) / record_path.name, record_path)  # last: the pair is valid only from here
+            with _locked(cache / f".{arch}.lock"):  # a concurrent download of the same arch: one pair wins whole
+                os.replace(converted, target)
+                os.replace(Path(tmp) / record_path.name, record_path)  # last: the pair is valid only from here
     except DownloadError as e:
         _remove_empty(created)
         raise DownloadError(str(e) if "minseg convert" in str(e) else f"{e}; {manual}") from None
@@ -260,6 +262,22 @@ def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: 
         _remove_empty(created)
         raise
     return target
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on `path` (POSIX flock; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _missing_folders(folder: Path) -> list[Path]:

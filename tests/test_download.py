@@ -109,7 +109,8 @@ def test_download_verify_convert_cache(official, tmp_path):
     x = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
         assert torch.equal(model(x)["out"], ref(x)["out"])
-    assert sorted(p.name for p in target.parent.iterdir()) == ["fcn_resnet50.json", "fcn_resnet50.safetensors"]
+    names = sorted(p.name for p in target.parent.iterdir())
+    assert names == [".fcn_resnet50.lock", "fcn_resnet50.json", "fcn_resnet50.safetensors"]  # no work folder left
     record = json.loads((target.parent / "fcn_resnet50.json").read_text())
     assert record["source_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert "32 bits" in record["check"] and "not a forged one" in record["check"]
