@@ -242,7 +242,7 @@ def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: 
             try:
                 source_sha256 = verify(original, entry, sha256)
             except CheckpointError as e:
-                raise DownloadError(f"{url}: {e}; {manual}") from None
+                raise DownloadError(f"{url}: {e}") from None
             state, overrides = convert_with_overrides(entry["source"], original, arch=arch)
             converted = Path(tmp) / target.name
             save_weights(state, converted, arch=arch, source=entry["source"], overrides=overrides)
@@ -254,7 +254,7 @@ def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: 
                 os.replace(Path(tmp) / record_path.name, record_path)  # last: the pair is valid only from here
     except DownloadError as e:
         _remove_empty(created)
-        raise DownloadError(str(e) if "minseg convert" in str(e) else f"{e}; {manual}") from None
+        raise DownloadError(f"{e}; {manual}") from None
     except OSError as e:  # the cache folder itself: not writable, disk full, ...
         _remove_empty(created)
         raise DownloadError(f"{cache}: {e.strerror or e}; {manual}") from None
