@@ -186,6 +186,24 @@ def test_parity_streams_rows_and_explains_checks(monkeypatch, capsys):
     assert lines[-1].startswith("checks: ") and "structure only" in lines[-1]
 
 
+def test_bench_streams_rows(monkeypatch, capsys):
+    from minseg_ref import bench
+
+    printed = []
+
+    def fake(name):
+        def measure(device, repeats):
+            printed.append(capsys.readouterr().out)
+            return bench.BenchRow(name, device, "1x3x8x8", 2.0, 1.0)
+        return measure
+
+    monkeypatch.setattr(bench, "family_benches", lambda: {"a": fake("a"), "b": fake("b")})
+    assert main(["bench", "--repeats", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert printed[0] == "" and printed[1].splitlines()[2].startswith("a ") and err == ""
+    assert out.splitlines()[0].startswith("b ") and "ratio = minseg time" in out
+
+
 def test_progress_line_only_on_a_terminal():
     from minseg_ref.progress import Progress
 
