@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("convert", help="convert an original's checkpoint to a minseg .safetensors file")
-    p.add_argument("--from", dest="source", required=True, choices=["torchvision", "smp", "yolact", "detectron2"])
+    p.add_argument("--from", dest="source", required=True, choices=["torchvision", "smp", "yolact", "detectron2"],
+                   help="which original wrote the checkpoint")
     p.add_argument("--arch", required=True, help="minseg model name (see `minseg list`)")
     p.add_argument("input", help="the original's checkpoint (.pth, .pt, .pkl)")
     p.add_argument("output", help="where to write the .safetensors file (written atomically)")
