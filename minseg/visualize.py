@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minseg.data.classes import COCO_CLASSES, COCO_PANOPTIC_STUFF, TORCHVISION_COCO_CLASSES, VOC_CLASSES, class_name
 from minseg.image import load_rgb
-from minseg.weights import atomic_write
+from minseg.files import OutputBatch, atomic_write
 
 
 def palette(n: int) -> np.ndarray:
@@ -119,8 +119,16 @@ def panoptic_overlay(rgb: np.ndarray, result: dict) -> tuple[Image.Image, dict]:
     return draw_legend(Image.fromarray(picture), sorted(legend.items())), {"segments_info": segments}
 
 
-def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Path, score_threshold: float = 0.5) -> list[Path]:
-    """Write <stem>.<model>.png (overlay) and <stem>.<model>.json; returns the written paths."""
+def prediction_paths(model_name: str, image_path: Path, out_dir: Path) -> list[Path]:
+    """Where save_prediction writes: [<out_dir>/<stem>.<model>.png, <out_dir>/<stem>.<model>.json]."""
+    name = f"{Path(image_path).stem}.{model_name}"
+    return [Path(out_dir) / f"{name}.png", Path(out_dir) / f"{name}.json"]
+
+
+def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Path, score_threshold: float = 0.5,
+                    batch: OutputBatch | None = None) -> list[Path]:
+    """Write <stem>.<model>.png (overlay) and <stem>.<model>.json, each atomically, or into `batch` (renamed into
+    place when the batch completes); returns the paths."""
     rgb = np.asarray(load_rgb(image_path))
     if "panoptic_seg" in result:
         picture, info = panoptic_overlay(rgb, result)
@@ -132,12 +140,12 @@ def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Pa
     else:
         names = VOC_CLASSES if result["probs"].shape[0] == 21 else [f"class {i}" for i in range(result["probs"].shape[0])]
         picture, info = semantic_overlay(rgb, result["labels"], names)
-    stem = out_dir / f"{image_path.stem}.{model_name}"
-    png, js = stem.with_suffix(stem.suffix + ".png"), stem.with_suffix(stem.suffix + ".json")
+    png, js = prediction_paths(model_name, image_path, out_dir)
     for target in (png, js):
-        if target.resolve() == image_path.resolve():
+        if target.resolve() == Path(image_path).resolve():
             raise ValueError(f"{target}: refusing to overwrite the input image")
-    atomic_write(png, lambda tmp: picture.save(tmp, format="PNG"))
+    write = batch.add if batch is not None else atomic_write
+    write(png, lambda tmp: picture.save(tmp, format="PNG"))
     payload = json.dumps({"image": str(image_path), "model": model_name, **info}, indent=1)
-    atomic_write(js, lambda tmp: Path(tmp).write_text(payload))
+    write(js, lambda tmp: Path(tmp).write_text(payload))
     return [png, js]
