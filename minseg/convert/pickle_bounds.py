@@ -15,6 +15,7 @@ opcodes and a few integers per stack item. It stops at the first bound passed.
 from __future__ import annotations
 
 import io
+import os
 import pickletools
 import zipfile
 from typing import BinaryIO
@@ -22,6 +23,8 @@ from typing import BinaryIO
 MAX_DEPTH = 100          # containers inside containers; a checkpoint needs ~6 (dict > dict > tuple > tuple)
 MAX_NODES = 2_000_000    # objects the data expands to: fcn_resnet50's state dict is <10k, Mask R-CNN v2's with
                          # an optimizer state <30k
+MAX_EXPANSION = 10       # a zip checkpoint's members may hold at most this times the file's size (+1 MB): torch
+                         # stores them uncompressed; a deflated bomb would expand 1000-fold inside torch.load
 MAX_PICKLES = 5          # a legacy (non-zip) torch file is five pickles in a row, then raw storage bytes
 
 # opcodes that change their first stack argument in place (the container gains what follows it)
@@ -156,11 +159,16 @@ def check_pickle(f: BinaryIO, length: int, where: str, count: int = 1) -> None:
 
 
 def check_torch_file(path: str) -> None:
-    """check_pickle on every pickle torch.load would read from `path`: each *.pkl member of a zip checkpoint,
-    or the leading pickles of a legacy file."""
+    """check_pickle on every pickle torch.load would read from `path`: each *.pkl member of a zip checkpoint
+    (whose members together may not expand beyond MAX_EXPANSION times the file), or the leading pickles of a
+    legacy file."""
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
+                expanded, size = sum(info.file_size for info in archive.infolist()), os.path.getsize(path)
+                if expanded > MAX_EXPANSION * size + (1 << 20):
+                    raise PickleBoundError(f"{path}: its archive members expand to {expanded:,} bytes from a "
+                                           f"{size:,}-byte file (a compressed bomb?)")
                 for info in archive.infolist():
                     if info.filename.endswith(".pkl"):
                         with archive.open(info) as member:
