@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import signal
 import stat
 import struct
 import subprocess
@@ -433,6 +434,25 @@ def test_ctrl_c_exits_130_with_one_line():
               "cli.cmd_list = interrupted\nsys.exit(cli.main(['list']))\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stderr.strip() == "minseg list: interrupted", r.stderr
+
+
+def test_ctrl_c_during_predict_leaves_nothing(tmp_path):
+    """SIGINT once the first image's outputs are staged: exit 130, one line, no output and no temp file."""
+    paths = []
+    for i in range(30):
+        paths.append(tmp_path / f"im{i}.png")
+        Image.new("RGB", (384, 384), (i, 100, 200)).save(paths[-1])
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "minseg", "predict", "--model", "unet_resnet34", *map(str, paths),
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.exists() and any(n.endswith(".tmp") for n in os.listdir(out))):
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stderr.strip() == "minseg predict: interrupted", stderr[-2000:]
+    assert not out.exists()
 
 
 def test_bench_repeats_zero_refused():

@@ -71,7 +71,6 @@ def _check_one(stream: _Bounded, where: str) -> None:
     stack: list = []
     marks: list[int] = []   # stack heights at each open MARK
     memo: dict = {}
-    MARK = object()
 
     def pop_to_mark() -> list:
         if not marks:
