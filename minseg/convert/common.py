@@ -40,13 +40,26 @@ def read_torch_checkpoint(path: str | os.PathLike) -> object:
     try:
         with warnings.catch_warnings():  # torch warns on protocol 4/5 pickles: the load either works or says why
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint: {first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
             KeyError, IndexError, ImportError, UnicodeDecodeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    unusual = tensors_without_values(loaded)
+    if unusual:  # a file's meta tensors have a shape but no values (saving them fails); sparse/quantized aren't weights
+        raise CheckpointError(f"{path}: tensors without plain values (meta device or a non-strided layout): "
+                              f"{group_keys(unusual)}")
+    return loaded
+
+
+def tensors_without_values(obj: object, prefix: str = "") -> list[str]:
+    """Names of the meta-device or non-strided tensors in a loaded checkpoint (dicts and lists walked)."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_meta or obj.layout != torch.strided else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in tensors_without_values(v, f"{prefix}.{short(k)}" if prefix else short(k))]
 
 
 def as_state_dict(obj: object, where: str, nested: tuple[str, ...] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
@@ -61,10 +74,6 @@ def as_state_dict(obj: object, where: str, nested: tuple[str, ...] = ("state_dic
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{where}: not a state dict; non-tensor entries: {group_keys([short(k) for k in bad])}")
-    unusual = [k for k, v in obj.items() if v.is_meta or v.layout != torch.strided]
-    if unusual:  # meta tensors have a shape but no values; sparse and quantized layouts are not weights minseg reads
-        raise CheckpointError(f"{where}: tensors without plain values (meta device or a non-strided layout): "
-                              f"{group_keys(unusual)}")
     return dict(obj)
 
 
