@@ -34,8 +34,9 @@ def load_rgb(image) -> Image.Image:
                     check_size(im.width, im.height, path)  # header only: nothing decoded yet
                     im = ImageOps.exif_transpose(im)
                     im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise ValueError(f"{path}: image too large to decode (limit {MAX_PIXELS:,} pixels)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ValueError(f"{path}: image too large to decode ({str(e).split(',')[0]}; minseg's limit is "
+                             f"{MAX_PIXELS:,} pixels)") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ValueError(f"{path}: not a readable image ({str(e)[:200]})") from None
         image = im
