@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from minseg.errors import CheckpointError
-from minseg.files import atomic_write  # noqa: F401 (also imported from here)
+from minseg.files import atomic_write
 
 VERSION = "0.1.0"
 
