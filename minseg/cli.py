@@ -26,6 +26,7 @@ def cmd_list(args) -> int:
 
 def cmd_convert(args) -> int:
     from minseg.convert import convert_with_overrides
+    from minseg.files import same_file
     from minseg.weights import save_weights
 
     src, dst = Path(args.input), Path(args.output)
@@ -33,7 +34,7 @@ def cmd_convert(args) -> int:
         raise UsageError(f"{src}: no such file")
     if dst.suffix != ".safetensors":
         raise UsageError(f"{dst}: the output must end in .safetensors")
-    if dst.exists() and dst.resolve() == src.resolve():
+    if same_file(dst, src):
         raise UsageError(f"{dst}: refusing to overwrite the input")
     if not dst.parent.is_dir():
         raise UsageError(f"{dst.parent}: no such directory")
@@ -56,8 +57,12 @@ def _usable_device(name: str):
 
 
 def cmd_predict(args) -> int:
+    """Every check first (files, output names, each image readable), then all outputs or none: they are written
+    to temp files and renamed into place only when every image has been predicted."""
     import minseg
-    from minseg.visualize import save_prediction
+    from minseg.files import OutputBatch, plan_outputs
+    from minseg.image import load_rgb
+    from minseg.visualize import prediction_paths, save_prediction
 
     images = [Path(p) for p in args.images]
     for p in images:
@@ -65,20 +70,56 @@ def cmd_predict(args) -> int:
             raise UsageError(f"{p}: no such image file")
     if args.weights is not None and not Path(args.weights).is_file():
         raise UsageError(f"{args.weights}: no such weights file")
+    out_dir = Path(args.out)
+    inputs = images + ([Path(args.weights)] if args.weights is not None else [])
+    plan_outputs([(p, prediction_paths(args.model, p, out_dir)) for p in images], inputs)
+    for p in images:
+        load_rgb(p)  # an unreadable image stops the run before anything is computed or written
     device = _usable_device(args.device)
     model = minseg.create_model(args.model, weights=args.weights).to(device)
-    out_dir = Path(args.out)
-    for i, path in enumerate(images):
-        (result,) = model.predict([str(path)])
-        out_dir.mkdir(parents=True, exist_ok=True)  # once there is something to write
-        written = save_prediction(args.model, path, result, out_dir, args.score_threshold, weights=args.weights)
-        if i == 0 and args.weights is None:  # after the first success, so that a refused input stays one line
-            print(f"minseg predict: note: no --weights, so {args.model} runs on random init and its output means "
-                  f"nothing (see `minseg download` and `minseg convert`)", file=sys.stderr)
-        print(f"{path}: {json.loads(written[-1].read_text())['summary']}", file=sys.stderr)
-        for w in written:
+    made_dir = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, written = images[0], []
+    try:
+        with OutputBatch() as batch:
+            for i, path in enumerate(images):
+                (result,) = model.predict([str(path)])
+                written.append(save_prediction(args.model, path, result, out_dir, args.score_threshold,
+                                               weights=args.weights, batch=batch))
+                if i == 0 and args.weights is None:  # after the first success, so that a refused input stays one line
+                    print(f"minseg predict: note: no --weights, so {args.model} runs on random init and its output "
+                          f"means nothing (see `minseg download` and `minseg convert`)", file=sys.stderr)
+    except BaseException as e:
+        if made_dir:
+            _remove_if_empty(out_dir)
+        if isinstance(e, (ValueError, TypeError)):
+            raise UsageError(f"{path}: {_first_line(e)} (nothing written)") from None
+        raise
+    for path, paths in zip(images, written):  # every output is in place now
+        print(f"{path}: {json.loads(paths[-1].read_text())['summary']}", file=sys.stderr)
+        for w in paths:
             print(w)
     return 0
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _first_line(error: BaseException, limit: int = 1000) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else type(error).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def cmd_download(args) -> int:
@@ -151,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which original wrote the checkpoint")
     p.add_argument("--arch", required=True, help="minseg model name (see `minseg list`)")
     p.add_argument("input", help="the original's checkpoint (.pth, .pt, .pkl)")
-    p.add_argument("output", help="where to write the .safetensors file (written atomically)")
+    p.add_argument("output", help="where to write the .safetensors file (written atomically; an existing file is replaced)")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("download", help="fetch an official checkpoint, verify its hash, convert and cache it")
@@ -169,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="NAME", help="model name (see `minseg list`)")
     p.add_argument("--weights", metavar="FILE", help="minseg .safetensors from `minseg convert` or `minseg download` "
                    "(without it the model runs on random init, and says so)")
-    p.add_argument("--out", default="out", metavar="DIR", help="output directory (default: ./out)")
+    p.add_argument("--out", default="out", metavar="DIR", help="output directory (default: ./out); existing "
+                   "outputs of the same names are replaced, all at once when every image is done (nothing is written if one fails)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this (JSON lists all)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
@@ -183,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", help="only this model (repeatable)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ops", action="store_true", help="also time the operators (RoIAlign, NMS) against torchvision.ops")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per side (median reported)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side (median reported)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -195,12 +237,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (UsageError, CheckpointError, FileNotFoundError, ValueError, TypeError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"minseg {args.command}: error: {message}", file=sys.stderr)
+        print(f"minseg {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
     except OSError as e:  # network or disk trouble, e.g. urllib.error.URLError
-        print(f"minseg {args.command}: error: {e}", file=sys.stderr)
+        print(f"minseg {args.command}: error: {_first_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: temp files are already removed on the way out
+        print(f"minseg {args.command}: interrupted", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # exit here, with 130: an interrupt that arrived inside native code can otherwise still end the process
+        # by SIGINT after this line (seen as status -2 in about 1 run in 6)
+        os._exit(130)
     except ModuleNotFoundError as e:
         print(f"minseg {args.command}: error: {e.name} is needed for this command (pip install -e '.[test]')", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from minseg.data.classes import COCO_CLASSES, COCO_PANOPTIC_STUFF, TORCHVISION_COCO_CLASSES, VOC_CLASSES, class_name
 from minseg.image import load_rgb
-from minseg.weights import atomic_write
+from minseg.files import OutputBatch, atomic_write
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -241,9 +241,16 @@ def plural(n: int, one: str, many: str | None = None) -> str:
     return f"{n} {one if n == 1 else many or one + 's'}"
 
 
+def prediction_paths(model_name: str, image_path: Path, out_dir: Path) -> list[Path]:
+    """Where save_prediction writes: [<out_dir>/<stem>.<model>.png, <out_dir>/<stem>.<model>.json]."""
+    name = f"{Path(image_path).stem}.{model_name}"
+    return [Path(out_dir) / f"{name}.png", Path(out_dir) / f"{name}.json"]
+
+
 def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Path, score_threshold: float = 0.5,
-                    weights: str | None = None) -> list[Path]:
-    """Write <stem>.<model>.png (overlay) and <stem>.<model>.json; returns the written paths.
+                    weights: str | None = None, batch: OutputBatch | None = None) -> list[Path]:
+    """Write <stem>.<model>.png (overlay) and <stem>.<model>.json, each atomically, or into `batch` (renamed into
+    place when the batch completes); returns the paths.
 
     The JSON names the weights used (`weights`: the file, or "random init" when None) and says in
     `summary` what the prediction holds.
@@ -259,14 +266,14 @@ def save_prediction(model_name: str, image_path: Path, result: dict, out_dir: Pa
     else:
         names = VOC_CLASSES if result["probs"].shape[0] == 21 else [f"class {i}" for i in range(result["probs"].shape[0])]
         picture, info = semantic_overlay(rgb, result["labels"], names)
-    stem = out_dir / f"{image_path.stem}.{model_name}"
-    png, js = stem.with_suffix(stem.suffix + ".png"), stem.with_suffix(stem.suffix + ".json")
+    png, js = prediction_paths(model_name, image_path, out_dir)
     for target in (png, js):
-        if target.resolve() == image_path.resolve():
+        if target.resolve() == Path(image_path).resolve():
             raise ValueError(f"{target}: refusing to overwrite the input image")
-    atomic_write(png, lambda tmp: picture.save(tmp, format="PNG"))
+    write = batch.add if batch is not None else atomic_write
+    write(png, lambda tmp: picture.save(tmp, format="PNG"))
     header = {"image": str(image_path), "model": model_name, "weights": str(weights) if weights else "random init",
               "summary": describe(info, score_threshold)}
     payload = json.dumps({**header, **info}, indent=1)
-    atomic_write(js, lambda tmp: Path(tmp).write_text(payload))
+    write(js, lambda tmp: Path(tmp).write_text(payload))
     return [png, js]

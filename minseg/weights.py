@@ -3,38 +3,25 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from minseg.errors import CheckpointError
+from minseg.files import atomic_write
 
 VERSION = "0.1.0"
-
-
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(tmp_path) and rename the result onto `path`; nothing is left behind on failure."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, *, arch: str, source: str,
                  overrides: dict | None = None) -> None:
     """Write a converted state dict as .safetensors, atomically, with arch/source/version metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     meta = {"arch": arch, "source": source, "minseg_version": VERSION, "overrides": json.dumps(overrides or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    data = save(tensors, metadata=meta)  # in memory: safetensors' save_file leaves its own temp file when killed
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -10,12 +10,14 @@ import io
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 
+from minseg.convert.pickle_bounds import PickleBoundError, check_torch_file
 from minseg.errors import CheckpointError
 from minseg.weights import describe_mismatch, group_keys
 
@@ -32,13 +34,32 @@ def read_torch_checkpoint(path: str | os.PathLike) -> object:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        check_torch_file(str(path))  # nesting and size bounded before the unpickler builds anything
+    except PickleBoundError as e:
+        raise CheckpointError(f"{e}; not loaded") from None
+    try:
+        with warnings.catch_warnings():  # torch warns on protocol 4/5 pickles: the load either works or says why
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling failed"
         raise CheckpointError(f"{path}: refused to load (not a plain tensor checkpoint: {first})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError,
             KeyError, IndexError, ImportError, UnicodeDecodeError, SafetensorError) as e:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    unusual = tensors_without_values(loaded)
+    if unusual:  # a file's meta tensors have a shape but no values (saving them fails); sparse/quantized aren't weights
+        raise CheckpointError(f"{path}: tensors without plain values (meta device or a non-strided layout): "
+                              f"{group_keys(unusual)}")
+    return loaded
+
+
+def tensors_without_values(obj: object, prefix: str = "") -> list[str]:
+    """Names of the meta-device or non-strided tensors in a loaded checkpoint (dicts and lists walked)."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_meta or obj.layout != torch.strided else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [name for k, v in items for name in tensors_without_values(v, f"{prefix}.{short(k)}" if prefix else short(k))]
 
 
 def as_state_dict(obj: object, where: str, nested: tuple[str, ...] = ("state_dict", "model")) -> dict[str, torch.Tensor]:
@@ -52,8 +73,14 @@ def as_state_dict(obj: object, where: str, nested: tuple[str, ...] = ("state_dic
         raise CheckpointError(f"{where}: not a state dict (got {type(obj).__name__})")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{where}: not a state dict; non-tensor entries: {group_keys([str(k) for k in bad])}")
+        raise CheckpointError(f"{where}: not a state dict; non-tensor entries: {group_keys([short(k) for k in bad])}")
     return dict(obj)
+
+
+def short(obj: object, limit: int = 60) -> str:
+    """str(obj) cut to `limit` characters, for naming a stray key of unknown size in a one-line message."""
+    text = obj if isinstance(obj, str) else repr(obj)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_source(checkpoint: str | os.PathLike | dict, reader=read_torch_checkpoint) -> tuple[dict, str]:

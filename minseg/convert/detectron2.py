@@ -13,32 +13,46 @@ from __future__ import annotations
 
 import collections
 import codecs
+import math
 import os
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minseg.convert.common import Drop, Rule, as_state_dict, read_torch_checkpoint, rename, validate
+from minseg.convert.common import Drop, Rule, as_state_dict, read_torch_checkpoint, rename, short, validate
+from minseg.convert.pickle_bounds import PickleBoundError, check_pickle
 from minseg.errors import CheckpointError
 from minseg.weights import group_keys
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+NUMERIC_KINDS = "biufc"  # bool, int, uint, float, complex: no objects, strings, records or sub-arrays
+
+
 def _dtype(*args) -> np.dtype:
     dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("object arrays are not allowed")
+    if dtype.kind not in NUMERIC_KINDS or dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"dtype {dtype} is not allowed (only plain numeric dtypes)")
     return dtype
 
 
+class _NdarrayType:
+    """Stands for numpy.ndarray in a pickle: _reconstruct's first argument, and nothing callable (a pickle calling
+    numpy.ndarray itself could ask for any dtype or size)."""
+
+
 def _reconstruct(subtype, shape, dtype_code) -> np.ndarray:
-    # the empty array numpy's pickle protocol fills through ndarray.__setstate__ (numpy/_core/multiarray._reconstruct)
-    if subtype is not np.ndarray:
+    # the empty array numpy's pickle protocol fills through ndarray.__setstate__ (numpy/_core/multiarray._reconstruct);
+    # numpy always pickles shape (0,): the data comes with BUILD, checked there
+    if subtype is not _NdarrayType:
         raise pickle.UnpicklingError("only plain numpy arrays are allowed")
-    return np.ndarray.__new__(np.ndarray, shape, _dtype(dtype_code))
+    if shape not in ((0,), [0], 0):
+        raise pickle.UnpicklingError(f"unexpected array reconstruction shape {shape!r}")
+    return np.ndarray.__new__(np.ndarray, (0,), _dtype(dtype_code))
 
 
 def _frombuffer(buffer, dtype, shape, order) -> np.ndarray:
@@ -59,24 +73,66 @@ ALLOWED_GLOBALS = {
     ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x spelling
     ("numpy.core.numeric", "_frombuffer"): _frombuffer,
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayType,
     ("numpy", "dtype"): _dtype,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _latin1_encode,
 }
 
+BYTE_ORDERS = ("<", ">", "|", "=")
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickler whose only globals are numpy array reconstruction, dtypes, OrderedDict and latin1 bytes."""
+
+def _check_dtype_state(dtype: np.dtype, state) -> None:
+    """A dtype's BUILD state may set its byte order only: anything else (numpy's flags, fields, sizes) must be what
+    numpy itself pickles for this dtype. Crafted flags otherwise make numpy raise SystemError, or turn a float dtype
+    object-capable (flag 0x01) after the object check."""
+    expected = dtype.__reduce__()[2]
+    if (not isinstance(state, tuple) or len(state) != len(expected) or state[1] not in BYTE_ORDERS
+            or state[:1] + state[2:] != expected[:1] + expected[2:]):
+        raise pickle.UnpicklingError(f"dtype state {short(state)} is not numpy's own for {dtype}")
+
+
+def _check_array_state(state) -> None:
+    """An ndarray's BUILD state: (version, shape, dtype, fortran_order, raw bytes) with a dtype built by _dtype and
+    as many bytes as the shape needs."""
+    if not (isinstance(state, tuple) and len(state) == 5):
+        raise pickle.UnpicklingError("array state is not numpy's (version, shape, dtype, order, data)")
+    _, shape, dtype, _, data = state
+    if not isinstance(dtype, np.dtype) or dtype.kind not in NUMERIC_KINDS or dtype.hasobject:
+        raise pickle.UnpicklingError(f"array dtype {short(dtype)} is not allowed")
+    if not (isinstance(shape, tuple) and all(isinstance(n, int) and n >= 0 for n in shape)):
+        raise pickle.UnpicklingError(f"array shape {short(shape)} is not a tuple of sizes")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f"array data does not hold {short(shape)} {dtype} values")
+
+
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickler whose only globals are numpy array reconstruction, dtypes, OrderedDict and latin1 bytes, and whose
+    BUILD (an object's __setstate__) reaches only arrays and dtypes, with their states checked first. The Python
+    unpickler (pickle._Unpickler), not the C one, so that BUILD can be checked; a checkpoint has few opcodes."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed") from None
+            raise pickle.UnpicklingError(f"global '{short(module)}.{short(name)}' is not allowed") from None
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("persistent ids are not allowed")
+
+    def load_build(self):
+        state, target = self.stack[-1], self.stack[-2]
+        if isinstance(target, np.dtype):
+            _check_dtype_state(target, state)
+        elif type(target) is np.ndarray:
+            _check_array_state(state)
+        else:
+            raise pickle.UnpicklingError(f"setting the state of a {type(target).__name__} is not allowed")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_pkl(path: str | os.PathLike) -> dict:
@@ -86,16 +142,20 @@ def read_pkl(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: no such file")
     try:
         with open(path, "rb") as f:
+            check_pickle(f, path.stat().st_size, str(path))  # nesting and size bounded before anything is built
+            f.seek(0)
             data = SafeUnpickler(f, encoding="latin1").load()  # latin1: detectron2's own choice, for Python-2 pickles
+    except PickleBoundError as e:
+        raise CheckpointError(f"{e}; not loaded") from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to load ({e})") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError, MemoryError,
-            UnicodeDecodeError, ImportError) as e:
-        raise CheckpointError(f"{path}: not a readable pickle ({type(e).__name__}: {str(e)[:200]})") from None
+            UnicodeDecodeError, ImportError, SystemError, RecursionError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable pickle ({type(e).__name__}: {short(str(e), 200)})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: not a detectron2 checkpoint (a pickled {type(data).__name__})")
     if "__author__" not in data or "model" not in data:
-        found = ", ".join(sorted(map(str, data))[:8])
+        found = ", ".join(sorted(short(k) for k in data)[:8])
         raise CheckpointError(f"{path}: not a detectron2 model-zoo file (no 'model'/'__author__'; found {found}); "
                               "Caffe2/Detectron1 .pkl files are not supported")
     return data

@@ -12,6 +12,7 @@ from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
 from minseg.models._inputs import check_images
+from minseg.models._predict import inference
 from minseg.ops.layers import ConvNormAct
 
 
@@ -49,7 +50,7 @@ class SegmentationNet(nn.Module):
             out["aux"] = F.interpolate(self.aux_head(features["c4"]), size=(H, W), mode="bilinear", align_corners=False)
         return out
 
-    @torch.no_grad()
+    @inference
     def predict(self, images) -> list[dict[str, torch.Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image {"labels": Tensor[H, W] int64,
         "probs": Tensor[C, H, W]} at the image's own size, with torchvision's preprocessing (shorter side 520)."""

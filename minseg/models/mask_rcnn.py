@@ -32,6 +32,7 @@ from minseg.backbones.resnet import ResNet, resnet_config
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
+from minseg.models._predict import inference
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import AnchorGenerator
 from minseg.ops.box_coders import BoxCoder
@@ -108,7 +109,7 @@ class MaskRCNN(nn.Module):
         # 3. back to each image's own size
         return [postprocess(d, size, original) for d, size, original in zip(detections, sizes, original_sizes)]
 
-    @torch.no_grad()
+    @inference
     def predict(self, images) -> list[dict[str, Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the forward() dict at the
         image's own size (torchvision's own preprocessing: 0..1 floats, the model's resize and normalisation)."""

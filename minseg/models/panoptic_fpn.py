@@ -26,6 +26,7 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
 from minseg.models._inputs import check_image_list
+from minseg.models._predict import inference
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
 from minseg.ops.box_coders import Box2BoxTransform
@@ -103,7 +104,7 @@ class PanopticFPN(nn.Module):
             results.append({"instances": instances, "sem_seg": sem, "panoptic_seg": panoptic, "segments_info": segments})
         return results
 
-    @torch.no_grad()
+    @inference
     def predict(self, images) -> list[dict]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the forward() dict at the image's
         own size, as detectron2's DefaultPredictor computes it (PIL bilinear resize of the uint8 image, shortest

@@ -22,6 +22,7 @@ from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
 from minseg.models._inputs import check_images
+from minseg.models._predict import inference
 from minseg.ops.layers import ConvNormAct
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
@@ -94,7 +95,7 @@ class UNet(nn.Module):
         # head: per-pixel class logits
         return self.classifier(y)
 
-    @torch.no_grad()
+    @inference
     def predict(self, images) -> list[dict[str, torch.Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image {"labels": Tensor[H, W] int64,
         "probs": Tensor[C, H, W]} at the image's own size.

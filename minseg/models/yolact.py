@@ -26,6 +26,7 @@ from minseg.backbones.darknet import darknet53
 from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
 from minseg.models._inputs import check_images
+from minseg.models._predict import inference
 from minseg.necks.yolact_fpn import YolactFPN
 from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
 from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordinates, yolact_priors
@@ -140,7 +141,7 @@ class Yolact(nn.Module):
         std = torch.tensor(STD_RGB, device=device).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    @torch.no_grad()
+    @inference
     def predict(self, images) -> list[dict[str, torch.Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the postprocess() dict at the
         image's own size, as eval.py --image computes it."""
