@@ -14,7 +14,9 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+from minseg.convert import convert_with_overrides
 from minseg.errors import CheckpointError
+from minseg.weights import save_weights
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
 
@@ -70,9 +72,6 @@ def verify(path: Path, entry: dict) -> None:
 
 def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: bool = True, force: bool = False) -> Path:
     """Path of `arch`'s converted official weights, downloading, verifying and converting them on first use."""
-    from minseg.convert import convert_with_overrides
-    from minseg.weights import save_weights
-
     target = cache_dir() / f"{arch}.safetensors"
     if target.is_file() and not force:
         return target
