@@ -149,9 +149,9 @@ class MaskRCNNConfig:
     max_size: int = 1333
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    rpn_pre_nms_top_n_train: int = 2000              # per level
+    rpn_pre_nms_top_n_train: int = 2000             # per level
     rpn_pre_nms_top_n_test: int = 1000
-    rpn_post_nms_top_n_train: int = 2000             # per image
+    rpn_post_nms_top_n_train: int = 2000            # per image
     rpn_post_nms_top_n_test: int = 1000
     rpn_nms_thresh: float = 0.7
     rpn_score_thresh: float = 0.0
@@ -185,10 +185,11 @@ def mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:
     transform = TransformConfig(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
     backbone = ResNet(resnet_config(50, norm=cfg.norm, norm_eps=cfg.norm_eps, out_features=("c2", "c3", "c4", "c5")))
     fpn = FPN(FPNConfig(norm=head_norm, norm_eps=cfg.norm_eps))
-    rpn = RPN(RPNConfig(conv_depth=cfg.rpn_convs, pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
-                        post_nms_top_n_test=cfg.rpn_post_nms_top_n_test, pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
-                        post_nms_top_n_train=cfg.rpn_post_nms_top_n_train, nms_thresh=cfg.rpn_nms_thresh,
-                        score_thresh=cfg.rpn_score_thresh),
+    rpn = RPN(RPNConfig(conv_depth=cfg.rpn_convs,
+                        pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+                        pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+                        post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                        nms_thresh=cfg.rpn_nms_thresh, score_thresh=cfg.rpn_score_thresh),
               AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),)),
               BoxCoder((1.0, 1.0, 1.0, 1.0)))
     roi_heads = RoIHeads(
