@@ -27,7 +27,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from minseg.convert import convert_with_overrides
 from minseg.errors import CheckpointError, DownloadError
+from minseg.weights import save_weights
 
 MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.json"
 TIMEOUT = 30.0  # seconds to connect, and to wait for each read; $MINSEG_DOWNLOAD_TIMEOUT overrides
@@ -220,9 +222,6 @@ def download(arch: str, *, manifest: str | os.PathLike | None = None, progress: 
     download is replaced. Raises DownloadError (a CheckpointError) when the file cannot be fetched or
     does not match, and leaves nothing in the cache then.
     """
-    from minseg.convert import convert_with_overrides
-    from minseg.weights import save_weights
-
     sha256 = _pinned(sha256)
     cache = cache_dir()
     target, record_path = cache / f"{arch}.safetensors", cache / f"{arch}.json"

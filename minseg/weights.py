@@ -42,6 +42,26 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return state, meta
 
 
+MAX_OVERRIDES_CHARS = 4096  # the overrides a converter records are a few numbers and names
+
+
+def read_overrides(meta: dict[str, str], path: str | os.PathLike) -> dict:
+    """The create_model overrides recorded in a weight file's metadata (a JSON object of option names), as a dict;
+    CheckpointError naming the file when they are not one. Their values are checked by the model's config."""
+    text = meta.get("overrides") or "{}"
+    if len(text) > MAX_OVERRIDES_CHARS:
+        raise CheckpointError(f"{path}: metadata 'overrides' is {len(text)} characters long "
+                              f"(at most {MAX_OVERRIDES_CHARS})")
+    try:
+        overrides = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: metadata 'overrides' is not valid JSON: {text[:40]!r}") from None
+    if not isinstance(overrides, dict):
+        raise CheckpointError(f"{path}: metadata 'overrides' must be a JSON object of options, "
+                              f"got {type(overrides).__name__}")
+    return overrides
+
+
 def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str = "checkpoint") -> None:
     """load_state_dict(strict=True), turning every mismatch into one CheckpointError that lists the keys, grouped."""
     problems = describe_mismatch(model.state_dict(), state)

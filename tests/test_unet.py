@@ -132,7 +132,7 @@ def test_wrong_inputs_raise_clearly():
         model(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="input channels"):
         model.predict(np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="num_classes must be an integer in 1.."):
         minseg.create_model("unet_resnet34", num_classes=0)
 
 

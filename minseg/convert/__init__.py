@@ -23,14 +23,11 @@ SOURCES = {
 
 def convert_with_overrides(source: str, checkpoint: str | os.PathLike | dict, *, arch: str) -> tuple[dict, dict]:
     """Like convert(), also returning the create_model overrides the weights need (e.g. {'num_classes': 3})."""
-    from minseg.registry import MODELS
+    from minseg.registry import check_name  # here, not above: `import minseg` loads this package, and no model
 
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if arch not in MODELS:
-        from minseg.registry import create_model
-
-        create_model(arch)  # raises ValueError naming the closest names
+    check_name(arch)  # ValueError naming the closest names
     module = importlib.import_module(SOURCES[source])
     if arch not in module.ARCHS:
         raise CheckpointError(f"source {source!r} has no converter for {arch!r} (it converts: {', '.join(module.ARCHS)})")

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 
 from minseg.convert.pickle_bounds import PickleBoundError, check_torch_file
 from minseg.errors import CheckpointError
+from minseg.registry import build_model
 from minseg.weights import describe_mismatch, group_keys
 
 Rule = tuple[str, str]     # (regex, replacement)
@@ -111,11 +112,13 @@ def rename(state: dict[str, torch.Tensor], rules: list[Rule], drops: list[Drop],
 
 
 def validate(state: dict[str, torch.Tensor], arch: str, where: str, **overrides) -> dict[str, torch.Tensor]:
-    """Check `state` against create_model(arch, **overrides) built on the meta device (keys, shapes); cast dtypes."""
-    from minseg.registry import create_model
-
-    with torch.device("meta"):
-        expected = create_model(arch, **overrides).state_dict()
+    """Check `state` against model `arch` with `overrides` built on the meta device (keys, shapes); cast dtypes.
+    The overrides come from the checkpoint's shapes (e.g. num_classes), so a value the model refuses is the file's."""
+    try:
+        with torch.device("meta"):
+            expected = build_model(arch, **overrides).state_dict()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: {e}") from None
     problems = describe_mismatch(expected, state)
     if problems:
         raise CheckpointError(f"{where}: does not convert to {arch}: {problems}")

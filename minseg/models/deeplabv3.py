@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minseg.models.fcn import FCNHead, SegmentationNet, fcn_backbone
+from minseg.models.fcn import FCNHead, SegmentationConfig, SegmentationNet, fcn_backbone
 from minseg.necks.aspp import ASPP
 from minseg.ops.layers import ConvNormAct
 
@@ -24,14 +24,14 @@ class DeepLabHead(nn.Module):
         return self.classifier(self.block(self.aspp(x)))
 
 
-def deeplabv3(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
-    aux = FCNHead(1024, num_classes) if aux_loss else None
-    return SegmentationNet(fcn_backbone(depth, aux_loss), DeepLabHead(2048, num_classes), aux)
+def deeplabv3(cfg: SegmentationConfig) -> SegmentationNet:
+    aux = FCNHead(1024, cfg.num_classes) if cfg.aux_loss else None
+    return SegmentationNet(fcn_backbone(cfg.depth, cfg.aux_loss), DeepLabHead(2048, cfg.num_classes), aux)
 
 
-def deeplabv3_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
-    return deeplabv3(50, num_classes, aux_loss)
+def deeplabv3_resnet50_config(**options) -> SegmentationConfig:
+    return SegmentationConfig(depth=50, **options)
 
 
-def deeplabv3_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
-    return deeplabv3(101, num_classes, aux_loss)
+def deeplabv3_resnet101_config(**options) -> SegmentationConfig:
+    return SegmentationConfig(depth=101, **options)

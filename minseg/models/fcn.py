@@ -6,12 +6,15 @@ gives a second prediction used as a training loss.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
 from minseg.models._inputs import check_images
+from minseg.models._options import MAX_CLASSES, check_bool, check_int
 from minseg.models._predict import inference
 from minseg.ops.layers import ConvNormAct
 
@@ -66,20 +69,32 @@ class SegmentationNet(nn.Module):
         return outputs
 
 
+@dataclass(frozen=True, kw_only=True)
+class SegmentationConfig:
+    """What an FCN or DeepLabV3 variant fixes (its ResNet depth) and the create_model options, torchvision's."""
+    depth: int                       # ResNet depth, 50 or 101
+    num_classes: int = 21            # Pascal VOC's 20 classes + background, as torchvision's COCO-trained weights
+    aux_loss: bool = False           # an FCN head on c4 too, output "aux" (a training loss)
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
+        check_bool("aux_loss", self.aux_loss)
+
+
 def fcn_backbone(depth: int, aux_loss: bool) -> ResNet:
     """Stride-8 ResNet returning c5 (and c4 for the aux head) only: the others are freed as the forward goes."""
     keep = ("c4", "c5") if aux_loss else ("c5",)
     return resnet(depth, replace_stride_with_dilation=(False, True, True), out_features=keep)
 
 
-def fcn(depth: int, num_classes: int, aux_loss: bool) -> SegmentationNet:
-    aux = FCNHead(1024, num_classes) if aux_loss else None
-    return SegmentationNet(fcn_backbone(depth, aux_loss), FCNHead(2048, num_classes), aux)
+def fcn(cfg: SegmentationConfig) -> SegmentationNet:
+    aux = FCNHead(1024, cfg.num_classes) if cfg.aux_loss else None
+    return SegmentationNet(fcn_backbone(cfg.depth, cfg.aux_loss), FCNHead(2048, cfg.num_classes), aux)
 
 
-def fcn_resnet50(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
-    return fcn(50, num_classes, aux_loss)
+def fcn_resnet50_config(**options) -> SegmentationConfig:
+    return SegmentationConfig(depth=50, **options)
 
 
-def fcn_resnet101(num_classes: int = 21, aux_loss: bool = False) -> SegmentationNet:
-    return fcn(101, num_classes, aux_loss)
+def fcn_resnet101_config(**options) -> SegmentationConfig:
+    return SegmentationConfig(depth=101, **options)

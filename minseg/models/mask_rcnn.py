@@ -32,6 +32,8 @@ from minseg.backbones.resnet import ResNet, resnet_config
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.models._inputs import check_image_list
+from minseg.models._options import (MAX_BOXES, MAX_CLASSES, MAX_SIDE, check_choice, check_float, check_floats,
+                                    check_int, set_checked)
 from minseg.models._predict import inference
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import AnchorGenerator
@@ -133,62 +135,80 @@ def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[i
     return {"boxes": boxes, "labels": det["labels"], "scores": det["scores"], "masks": masks}
 
 
-def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_mean: tuple[float, float, float],
-              image_std: tuple[float, float, float], rpn_pre_nms_top_n_train: int, rpn_pre_nms_top_n_test: int,
-              rpn_post_nms_top_n_train: int, rpn_post_nms_top_n_test: int, rpn_nms_thresh: float,
-              rpn_score_thresh: float, box_score_thresh: float, box_nms_thresh: float, box_detections_per_img: int,
-              bbox_reg_weights: tuple[float, float, float, float] | None, norm: str, norm_eps: float) -> MaskRCNN:
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too (torchvision's meaning); got {num_classes}")
-    head_norm = norm if v2 else None
-    transform = TransformConfig(min_size, max_size, tuple(image_mean), tuple(image_std))
-    backbone = ResNet(resnet_config(50, norm=norm, norm_eps=norm_eps, out_features=("c2", "c3", "c4", "c5")))
-    fpn = FPN(FPNConfig(norm=head_norm, norm_eps=norm_eps))
-    rpn = RPN(RPNConfig(conv_depth=2 if v2 else 1, pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-                        post_nms_top_n_test=rpn_post_nms_top_n_test, pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-                        post_nms_top_n_train=rpn_post_nms_top_n_train, nms_thresh=rpn_nms_thresh,
-                        score_thresh=rpn_score_thresh),
+@dataclass(frozen=True, kw_only=True)
+class MaskRCNNConfig:
+    """What a Mask R-CNN variant fixes (fields without a default) and the create_model options: torchvision's
+    MaskRCNN keyword arguments, with its defaults and meaning (num_classes counts the background)."""
+    # the variant's architecture (v1 / v2)
+    rpn_convs: int                                  # 3x3 conv + ReLU layers in the RPN head
+    box_convs: int                                  # 3x3 convs of the box head before its fcs
+    box_fcs: int
+    head_norm: bool                                 # `norm` in the FPN, box and mask heads too, not only the backbone
+    # options
+    num_classes: int = 91
+    min_size: int = 800                             # resize: shorter side to min_size, longer side at most max_size
+    max_size: int = 1333
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    rpn_pre_nms_top_n_train: int = 2000             # per level
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000            # per image
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_score_thresh: float = 0.0
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    bbox_reg_weights: tuple[float, float, float, float] | None = None  # None: (10, 10, 5, 5)
+    norm: str = "frozen"                            # see the module docstring
+    norm_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, 2, MAX_CLASSES)  # with the background
+        check_int("min_size", self.min_size, 1, MAX_SIDE)
+        check_int("max_size", self.max_size, 1, MAX_SIDE)
+        set_checked(self, "image_mean", check_floats("image_mean", self.image_mean, 3, -1e3, 1e3))
+        set_checked(self, "image_std", check_floats("image_std", self.image_std, 3, 1e-6, 1e3))
+        for name in ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+                     "rpn_post_nms_top_n_test", "box_detections_per_img"):
+            check_int(name, getattr(self, name), 1, MAX_BOXES)
+        for name in ("rpn_nms_thresh", "rpn_score_thresh", "box_score_thresh", "box_nms_thresh"):
+            check_float(name, getattr(self, name), 0.0, 1.0)
+        if self.bbox_reg_weights is not None:
+            weights = check_floats("bbox_reg_weights", self.bbox_reg_weights, 4, 1e-3, 1e3)
+            set_checked(self, "bbox_reg_weights", weights)
+        check_choice("norm", self.norm, ("frozen", "bn"))
+        check_float("norm_eps", self.norm_eps, 0.0, 1.0)
+
+
+def mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:
+    head_norm = cfg.norm if cfg.head_norm else None
+    transform = TransformConfig(cfg.min_size, cfg.max_size, cfg.image_mean, cfg.image_std)
+    backbone = ResNet(resnet_config(50, norm=cfg.norm, norm_eps=cfg.norm_eps, out_features=("c2", "c3", "c4", "c5")))
+    fpn = FPN(FPNConfig(norm=head_norm, norm_eps=cfg.norm_eps))
+    rpn = RPN(RPNConfig(conv_depth=cfg.rpn_convs,
+                        pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test, post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+                        pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+                        post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
+                        nms_thresh=cfg.rpn_nms_thresh, score_thresh=cfg.rpn_score_thresh),
               AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),)),
               BoxCoder((1.0, 1.0, 1.0, 1.0)))
     roi_heads = RoIHeads(
-        RoIHeadsConfig(num_classes=num_classes - 1, box_convs=4 if v2 else 0, box_fcs=1 if v2 else 2, norm=head_norm,
-                       norm_eps=norm_eps, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
-                       detections_per_img=box_detections_per_img),
+        RoIHeadsConfig(num_classes=cfg.num_classes - 1, box_convs=cfg.box_convs, box_fcs=cfg.box_fcs, norm=head_norm,
+                       norm_eps=cfg.norm_eps, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
+                       detections_per_img=cfg.box_detections_per_img),
         MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
-        BoxCoder(tuple(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))))
+        BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0)))
     return MaskRCNN(transform, backbone, fpn, rpn, roi_heads)
 
 
-def maskrcnn_resnet50_fpn(
-        num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
-        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
-        rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
-        rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-        rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
-        box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
-        bbox_reg_weights: tuple[float, float, float, float] | None = None,
-        norm: str = "frozen", norm_eps: float = 0.0) -> MaskRCNN:
-    """torchvision's maskrcnn_resnet50_fpn; keyword arguments as torchvision's MaskRCNN (num_classes includes
-    the background). norm/norm_eps: see the module docstring (default: the official COCO weights)."""
-    return mask_rcnn(False, num_classes, min_size, max_size, image_mean, image_std, rpn_pre_nms_top_n_train,
-                     rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh,
-                     rpn_score_thresh, box_score_thresh, box_nms_thresh, box_detections_per_img, bbox_reg_weights,
-                     norm, norm_eps)
+def maskrcnn_resnet50_fpn_config(**options) -> MaskRCNNConfig:
+    """torchvision's maskrcnn_resnet50_fpn: TwoMLPHead box head, no norms outside the backbone; by default the
+    official COCO weights' FrozenBatchNorm2d with eps 0."""
+    return MaskRCNNConfig(rpn_convs=1, box_convs=0, box_fcs=2, head_norm=False, **options)
 
 
-def maskrcnn_resnet50_fpn_v2(
-        num_classes: int = 91, min_size: int = 800, max_size: int = 1333,
-        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
-        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
-        rpn_pre_nms_top_n_train: int = 2000, rpn_pre_nms_top_n_test: int = 1000,
-        rpn_post_nms_top_n_train: int = 2000, rpn_post_nms_top_n_test: int = 1000,
-        rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
-        box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
-        bbox_reg_weights: tuple[float, float, float, float] | None = None,
-        norm: str = "bn", norm_eps: float = 1e-5) -> MaskRCNN:
-    """torchvision's maskrcnn_resnet50_fpn_v2 (BatchNorm in backbone, FPN and heads); arguments as v1."""
-    return mask_rcnn(True, num_classes, min_size, max_size, image_mean, image_std, rpn_pre_nms_top_n_train,
-                     rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh,
-                     rpn_score_thresh, box_score_thresh, box_nms_thresh, box_detections_per_img, bbox_reg_weights,
-                     norm, norm_eps)
+def maskrcnn_resnet50_fpn_v2_config(*, norm: str = "bn", norm_eps: float = 1e-5, **options) -> MaskRCNNConfig:
+    """torchvision's maskrcnn_resnet50_fpn_v2: BatchNorm in the backbone, FPN and heads, 2 RPN convs, a 4-conv +
+    1-fc box head."""
+    return MaskRCNNConfig(rpn_convs=2, box_convs=4, box_fcs=1, head_norm=True, norm=norm, norm_eps=norm_eps, **options)

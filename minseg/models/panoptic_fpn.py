@@ -26,6 +26,8 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
 from minseg.models._inputs import check_image_list
+from minseg.models._options import (MAX_CLASSES, MAX_SIDE, check_float, check_floats, check_int, set_checked,
+                                    shown)
 from minseg.models._predict import inference
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
@@ -34,9 +36,10 @@ from minseg.ops.masks import paste_masks_detectron2
 from minseg.ops.poolers import MultiScaleRoIAlign
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PanopticFPNConfig:
-    depth: int = 50
+    """What a Panoptic FPN variant fixes (its ResNet depth) and the create_model options, detectron2's config values."""
+    depth: int                                              # ResNet depth, 50 or 101
     num_classes: int = 80                                   # things, contiguous 0..79 (background is index 80)
     num_sem_seg_classes: int = 54                           # 53 stuff classes + 0 = "things"
     pixel_mean: tuple[float, float, float] = (103.530, 116.280, 123.675)  # BGR, 0..255 (MSRA weights)
@@ -46,6 +49,18 @@ class PanopticFPNConfig:
     max_size_test: int = 1333
     mask_threshold: float = 0.5                             # pasted mask probability >= this is foreground
     fusion: FusionConfig = field(default_factory=FusionConfig)
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
+        check_int("num_sem_seg_classes", self.num_sem_seg_classes, 1, MAX_CLASSES)
+        set_checked(self, "pixel_mean", check_floats("pixel_mean", self.pixel_mean, 3, -1e3, 1e3))
+        set_checked(self, "pixel_std", check_floats("pixel_std", self.pixel_std, 3, 1e-6, 1e3))
+        check_int("size_divisibility", self.size_divisibility, 1, 128)
+        check_int("min_size_test", self.min_size_test, 1, MAX_SIDE)
+        check_int("max_size_test", self.max_size_test, 1, MAX_SIDE)
+        check_float("mask_threshold", self.mask_threshold, 0.0, 1.0)
+        if not isinstance(self.fusion, FusionConfig):
+            raise TypeError(f"fusion must be a FusionConfig, got {shown(self.fusion)}")
 
 
 class PanopticFPN(nn.Module):
@@ -187,17 +202,18 @@ def detectron2_roi_heads(num_classes: int) -> RoIHeads:
                     Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
 
 
-def panoptic_fpn(depth: int, num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
-    cfg = PanopticFPNConfig(depth=depth, num_classes=num_classes, num_sem_seg_classes=num_sem_seg_classes)
-    backbone = ResNet(resnet_config(depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
+def panoptic_fpn(cfg: PanopticFPNConfig) -> PanopticFPN:
+    backbone = ResNet(resnet_config(cfg.depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
                                     out_features=("c2", "c3", "c4", "c5")))
-    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(num_classes),
-                       SemSegFPNHead(SemSegFPNConfig(num_classes=num_sem_seg_classes)))
+    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(cfg.num_classes),
+                       SemSegFPNHead(SemSegFPNConfig(num_classes=cfg.num_sem_seg_classes)))
 
 
-def panoptic_fpn_resnet50(num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
-    return panoptic_fpn(50, num_classes, num_sem_seg_classes)
+def panoptic_fpn_resnet50_config(**options) -> PanopticFPNConfig:
+    """detectron2's COCO-PanopticSegmentation/panoptic_fpn_R_50_3x."""
+    return PanopticFPNConfig(depth=50, **options)
 
 
-def panoptic_fpn_resnet101(num_classes: int = 80, num_sem_seg_classes: int = 54) -> PanopticFPN:
-    return panoptic_fpn(101, num_classes, num_sem_seg_classes)
+def panoptic_fpn_resnet101_config(**options) -> PanopticFPNConfig:
+    """detectron2's COCO-PanopticSegmentation/panoptic_fpn_R_101_3x."""
+    return PanopticFPNConfig(depth=101, **options)

@@ -16,12 +16,15 @@ resizing is needed, since the network accepts every size and returns logits at t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet
 from minseg.models._inputs import check_images
+from minseg.models._options import MAX_CLASSES, check_int
 from minseg.models._predict import inference
 from minseg.ops.layers import ConvNormAct
 
@@ -126,16 +129,25 @@ class UNet(nn.Module):
         return outputs
 
 
-def unet(depth: int, num_classes: int, in_channels: int,
-         decoder_channels: tuple[int, ...] = DECODER_CHANNELS) -> UNet:
-    if num_classes < 1 or in_channels < 1:
-        raise ValueError(f"num_classes and in_channels must be positive, got {num_classes} and {in_channels}")
-    backbone = resnet(depth, norm="bn", in_channels=in_channels)
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig:
+    """What a U-Net variant fixes (its ResNet encoder's depth) and the create_model options, smp.Unet's."""
+    depth: int                       # ResNet encoder depth
+    num_classes: int = 1             # smp's default: one output channel (binary segmentation)
+    in_channels: int = 3
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
+        check_int("in_channels", self.in_channels, 1, 1024)
+
+
+def unet(cfg: UNetConfig) -> UNet:
+    backbone = resnet(cfg.depth, norm="bn", in_channels=cfg.in_channels)
     c = backbone.out_channels
-    decoder = UNetDecoder((c["c5"], c["c4"], c["c3"], c["c2"], c["c1"]), decoder_channels)
-    return UNet(backbone, decoder, nn.Conv2d(decoder_channels[-1], num_classes, 3, padding=1))
+    decoder = UNetDecoder((c["c5"], c["c4"], c["c3"], c["c2"], c["c1"]), DECODER_CHANNELS)
+    return UNet(backbone, decoder, nn.Conv2d(DECODER_CHANNELS[-1], cfg.num_classes, 3, padding=1))
 
 
-def unet_resnet34(num_classes: int = 1, in_channels: int = 3) -> UNet:
-    """smp.Unet("resnet34") defaults: one output channel (binary segmentation), RGB input."""
-    return unet(34, num_classes, in_channels)
+def unet_resnet34_config(**options) -> UNetConfig:
+    """smp.Unet("resnet34")."""
+    return UNetConfig(depth=34, **options)

@@ -26,6 +26,8 @@ from minseg.backbones.darknet import darknet53
 from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
 from minseg.models._inputs import check_images
+from minseg.models._options import (MAX_BOXES, MAX_CLASSES, check_bool, check_float, check_floats, check_int,
+                                    set_checked)
 from minseg.models._predict import inference
 from minseg.necks.yolact_fpn import YolactFPN
 from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
@@ -37,12 +39,15 @@ STD_RGB = (58.40, 57.12, 57.38)
 MASK_CHUNK = 16  # masks resized to the image size at a time in postprocess
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class YolactConfig:
-    backbone: str = "resnet101"                        # "resnet50", "resnet101" (yolact_base) or "darknet53"
+    """What a YOLACT variant fixes (fields without a default) and the create_model options, the original's cfg."""
+    # the variant's architecture
+    backbone: str                                      # "resnet50", "resnet101" (yolact_base) or "darknet53"
+    max_size: int                                      # input side; also normalises the prior sizes
+    scales: tuple[int, ...]                            # prior side in pixels at P3..P7
+    # options
     num_classes: int = 81                              # including background (class 0), like the original's cfg
-    max_size: int = 550                                # input side; also normalises the prior sizes
-    scales: tuple[int, ...] = (24, 48, 96, 192, 384)   # prior side in pixels at P3..P7
     aspect_ratios: tuple[float, ...] = (1, 1 / 2, 2)
     num_prototypes: int = 32
     conf_thresh: float = 0.05                          # a prior is a candidate if its best class score is above this
@@ -50,6 +55,20 @@ class YolactConfig:
     top_k: int = 200                                   # candidates per class compared by Fast NMS
     max_detections: int = 100
     cross_class_nms: bool = False                      # eval.py's --cross_class_nms
+
+    def __post_init__(self) -> None:
+        check_int("num_classes", self.num_classes, 2, MAX_CLASSES)  # background and at least one class
+        set_checked(self, "aspect_ratios", check_floats("aspect_ratios", self.aspect_ratios, range(1, 9), 0.05, 20.0))
+        check_int("num_prototypes", self.num_prototypes, 1, 256)
+        check_float("conf_thresh", self.conf_thresh, 0.0, 1.0)
+        check_float("nms_thresh", self.nms_thresh, 0.0, 1.0)
+        check_int("top_k", self.top_k, 1, MAX_BOXES)
+        check_int("max_detections", self.max_detections, 1, MAX_BOXES)
+        check_bool("cross_class_nms", self.cross_class_nms)
+        # Fast NMS compares top_k candidates pairwise within each class: an IoU matrix of C x top_k x top_k floats
+        if (self.num_classes - 1) * self.top_k ** 2 > 2**30:
+            raise ValueError(f"(num_classes - 1) * top_k ** 2 must be at most 2**30 (Fast NMS's IoU matrix, 4 GB), "
+                             f"got num_classes={self.num_classes}, top_k={self.top_k}")
 
 
 class Yolact(nn.Module):
@@ -194,30 +213,21 @@ def yolact(cfg: YolactConfig) -> Yolact:
     return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head)
 
 
-def yolact_resnet50(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
-                    max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+def yolact_resnet50_config(**options) -> YolactConfig:
     """The original's yolact_resnet50_config: ResNet-50, 550 px."""
-    return yolact(YolactConfig("resnet50", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
-                               max_detections=max_detections, cross_class_nms=cross_class_nms))
+    return YolactConfig(backbone="resnet50", max_size=550, scales=(24, 48, 96, 192, 384), **options)
 
 
-def yolact_resnet101(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
-                     max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+def yolact_resnet101_config(**options) -> YolactConfig:
     """The original's yolact_base_config: ResNet-101, 550 px."""
-    return yolact(YolactConfig("resnet101", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
-                               max_detections=max_detections, cross_class_nms=cross_class_nms))
+    return YolactConfig(backbone="resnet101", max_size=550, scales=(24, 48, 96, 192, 384), **options)
 
 
-def yolact_im700(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
-                 max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+def yolact_im700_config(**options) -> YolactConfig:
     """The original's yolact_im700_config: yolact_base at 700 px, prior scales int(s / 550 * 700)."""
-    scales = tuple(int(s / 550 * 700) for s in (24, 48, 96, 192, 384))  # (30, 61, 122, 244, 488)
-    return yolact(YolactConfig("resnet101", num_classes, 700, scales, conf_thresh=conf_thresh, nms_thresh=nms_thresh,
-                               top_k=top_k, max_detections=max_detections, cross_class_nms=cross_class_nms))
+    return YolactConfig(backbone="resnet101", max_size=700, scales=(30, 61, 122, 244, 488), **options)
 
 
-def yolact_darknet53(num_classes: int = 81, conf_thresh: float = 0.05, nms_thresh: float = 0.5, top_k: int = 200,
-                     max_detections: int = 100, cross_class_nms: bool = False) -> Yolact:
+def yolact_darknet53_config(**options) -> YolactConfig:
     """The original's yolact_darknet53_config: DarkNet-53 (C3-C5 = 256/512/1024 channels), 550 px, input / 255."""
-    return yolact(YolactConfig("darknet53", num_classes, conf_thresh=conf_thresh, nms_thresh=nms_thresh, top_k=top_k,
-                               max_detections=max_detections, cross_class_nms=cross_class_nms))
+    return YolactConfig(backbone="darknet53", max_size=550, scales=(24, 48, 96, 192, 384), **options)
