@@ -1,6 +1,6 @@
 """minseg's layers import downwards only, with no cycle, read from the source (ast), function-level imports included:
 
-    errors, data, image, metrics, coco  <-  ops  <-  backbones, necks, heads  <-  models  <-  registry
+    errors, files, data, image, metrics, coco  <-  ops  <-  backbones, necks, heads  <-  models  <-  registry
         <-  weights, convert, download  <-  api, visualize  <-  cli, __main__, the package root (minseg/__init__)
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "minseg"
 
 LAYERS = [
-    ("minseg.errors", "minseg.data", "minseg.image", "minseg.metrics", "minseg.coco"),
+    ("minseg.errors", "minseg.files", "minseg.data", "minseg.image", "minseg.metrics", "minseg.coco"),
     ("minseg.ops",),
     ("minseg.backbones", "minseg.necks", "minseg.heads"),
     ("minseg.models",),
