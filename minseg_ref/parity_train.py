@@ -41,8 +41,10 @@ def build_train_pair(name: str, num_classes: int, seed: int = 0):
         from minseg_ref.parity_unet import build_pair
 
         ref, ours = build_pair(num_classes=num_classes, seed=seed)
-        dice, focal = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE), smp.losses.FocalLoss("multiclass", ignore_index=IGNORE)
-        our_dice, our_focal = ML.DiceLoss("multiclass", ignore_index=IGNORE), ML.FocalLoss("multiclass", ignore_index=IGNORE)
+        dice = smp.losses.DiceLoss("multiclass", ignore_index=IGNORE)
+        focal = smp.losses.FocalLoss("multiclass", ignore_index=IGNORE)
+        our_dice = ML.DiceLoss("multiclass", ignore_index=IGNORE)
+        our_focal = ML.FocalLoss("multiclass", ignore_index=IGNORE)
         ref_loss = lambda out, y: dice(out, y) + focal(out, y)
         our_loss = lambda out, y: our_dice(out, y) + our_focal(out, y)
     else:

@@ -54,7 +54,8 @@ def lovasz_softmax_flat(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 
 def average(values: list[torch.Tensor]) -> torch.Tensor | int:
-    """Sum left to right, then divide by the count (smp's `mean`, its float order); 0 for no values (kept: smp's int)."""
+    """Sum left to right, then divide by the count (smp's `mean`, its float order); 0 for no values (kept: smp's
+    int 0)."""
     if not values:
         return 0
     total = values[0]

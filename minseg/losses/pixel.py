@@ -112,7 +112,8 @@ class SoftBCEWithLogitsLoss(nn.Module):
     def forward(self, y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
         s = self.smooth_factor
         soft = y_true if s is None else (1 - y_true) * s + y_true * (1 - s)
-        loss = F.binary_cross_entropy_with_logits(y_pred, soft, self.weight, pos_weight=self.pos_weight, reduction="none")
+        loss = F.binary_cross_entropy_with_logits(y_pred, soft, self.weight, pos_weight=self.pos_weight,
+                                                  reduction="none")
         if self.ignore_index is not None:
             loss = loss * (y_true != self.ignore_index).type_as(loss)
         if self.reduction == "mean":
