@@ -98,8 +98,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn2(out))
         out = self.conv3(out)
         out = self.bn3(out)
-        # kept: the shortcut runs after the main path, torchvision's order; x's gradient is then accumulated
-        # in the original's order (autograd sums a tensor's incoming gradients in reverse order of use)
+        # kept: the shortcut runs after the main path, torchvision's order: autograd sums x's gradients from its two
+        # uses in an order set by the forward's, so only this order gives the original's gradients bit for bit
         out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
