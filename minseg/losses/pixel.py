@@ -78,13 +78,15 @@ class FocalLoss(nn.Module):
                 y_true, y_pred = y_true[keep], y_pred[keep]
             return binary_focal_loss(y_pred, y_true, **self.options)
 
+        if self.ignore_index is not None and self.mode == "multiclass":
+            keep = y_true != self.ignore_index  # (N, H, W), one mask for every class (saved once for backward)
         class_losses = []
         for c in range(y_pred.shape[1]):
             t = (y_true == c).long() if self.mode == "multiclass" else y_true[:, c, ...]
             p = y_pred[:, c, ...]
             if self.ignore_index is not None:
-                # multilabel: each channel's own ignored pixels (smp indexes with the (N, C, H, W) mask and raises)
-                keep = y_true != self.ignore_index if self.mode == "multiclass" else t != self.ignore_index
+                if self.mode == "multilabel":  # each channel's own ignored pixels (smp indexes with the
+                    keep = t != self.ignore_index  # (N, C, H, W) mask there and raises)
                 t, p = t[keep], p[keep]
             class_losses.append(binary_focal_loss(p, t, **self.options))
         class_losses = torch.stack(class_losses)  # (C,)
