@@ -159,6 +159,8 @@ def cmd_parity(args) -> int:
 
 def cmd_bench(args) -> int:
     from minseg_ref.bench import format_footer, format_header, format_row, run
+    if args.train:  # one training step (forward, loss, backward, SGD) instead of a forward: minseg_ref/bench_train.py
+        from minseg_ref.bench_train import run
 
     rows = run(args.model or None, device=args.device, ops=args.ops, repeats=args.repeats,
                on_row=streamer(format_header(), format_row))  # each row as it is measured
@@ -226,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ops", action="store_true", help="also time the operators (RoIAlign, NMS) against torchvision.ops")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side (median reported)")
+    p.add_argument("--train", action="store_true", help="time one training step of fcn_*, deeplabv3_*, unet_resnet34")
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -17,6 +17,7 @@ FAMILIES = [
     "minseg_ref.parity_yolact",
     "minseg_ref.parity_panoptic",
     "minseg_ref.parity_structure",
+    "minseg_ref.parity_train",  # train mode: loss, gradients, weights after 3 SGD steps (rows "<model>:train")
 ]
 
 

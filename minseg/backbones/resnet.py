@@ -73,11 +73,10 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
         out = self.bn2(out)
-        out += identity
+        out += x if self.downsample is None else self.downsample(x)  # shortcut after the main path: see Bottleneck
         return self.relu(out)
 
 
@@ -94,13 +93,14 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
         out = self.relu(self.bn2(out))
         out = self.conv3(out)
         out = self.bn3(out)
-        out += identity
+        # kept: the shortcut runs after the main path, torchvision's order: autograd sums x's gradients from its two
+        # uses in an order set by the forward's, so only this order gives the original's gradients bit for bit
+        out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
 
