@@ -83,7 +83,7 @@ def postprocessed_pairs(prefix: str, ours: dict[str, torch.Tensor], fx: dict, w:
 @torch.no_grad()
 def stage_pairs(model, fx: dict[str, torch.Tensor], outputs: dict | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{stage name: (minseg, recorded)} for every stage the fixture holds; the network outputs of both cases are
-    left in `outputs` ("tensor", "image") when given."""
+    left in `outputs` ("tensor", "image"; "tensor.levels": P3..P7) when given."""
     outputs = {} if outputs is None else outputs
     captured = {}
     hooks = [model.backbone.register_forward_hook(lambda m, i, o: captured.update(backbone=o)),
@@ -104,7 +104,7 @@ def stage_pairs(model, fx: dict[str, torch.Tensor], outputs: dict | None = None)
         pairs[f"tensor.P{i + 3}"] = (p, fx[f"tensor.P{i + 3}"])
     for key in ("loc", "conf", "mask", "priors", "proto"):
         pairs[f"tensor.{key}"] = (out[key], fx[f"tensor.{key}"])
-    outputs["tensor"] = out
+    outputs["tensor"], outputs["tensor.levels"] = out, captured["fpn"]
     (det,) = model.detect(out)
     order = tie_order(det, fx, "tensor")
     pairs.update(detection_pairs("tensor.det", rows(det, order), fx))
