@@ -5,8 +5,6 @@ detectron2 checkpoint reader (safe unpickling, .pth, legacy keys), the R-101 key
 eval-time edge cases (batches of different sizes, no detections, no stuff, autocast, CUDA)."""
 import os
 import pickle
-import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 
