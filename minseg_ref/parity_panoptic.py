@@ -127,10 +127,15 @@ def follow_recorded_order(fx: dict, case: str, out: dict, cap: dict) -> tuple[di
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order))  # our instance i is now row position[i]
     raw = {k: v[order] for k, v in raw.items()}
-    segments = [{**s, "instance_id": int(position[s["instance_id"]])} if s["isthing"] else s for s in out["segments_info"]]
-    recorded_id = {(bool(i >= 0), int(i) if i >= 0 else int(c)): int(r) for r, i, c in
-                   zip(fx[f"{case}.segments.id"], fx[f"{case}.segments.instance_id"], fx[f"{case}.segments.category_id"])}
-    relabel = {s["id"]: recorded_id.get((s["isthing"], s["instance_id"] if s["isthing"] else s["category_id"]), s["id"])
+    segments = [{**s, "instance_id": int(position[s["instance_id"]])} if s["isthing"] else s
+                for s in out["segments_info"]]
+
+    def key(isthing, instance, category) -> tuple[bool, int]:  # a segment is its instance (things) or its category
+        return bool(isthing), int(instance) if isthing else int(category)
+
+    recorded_id = {key(i >= 0, i, c): int(r) for r, i, c in zip(
+        fx[f"{case}.segments.id"], fx[f"{case}.segments.instance_id"], fx[f"{case}.segments.category_id"])}
+    relabel = {s["id"]: recorded_id.get(key(s["isthing"], s.get("instance_id"), s["category_id"]), s["id"])
                for s in segments}
     if sorted(relabel.values()) != sorted(relabel):  # not a permutation of our ids: leave it to the comparison
         relabel = {i: i for i in relabel}

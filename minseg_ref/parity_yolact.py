@@ -225,16 +225,18 @@ def allowances(model, fx: dict, outputs: dict) -> dict[str, Allowance]:
     fg = fx["tensor.conf"][0, :, 1:].max(1).values
     near_conf = int(((fg - model.cfg.conf_thresh).abs() < BAND).sum())
     image_size = tuple(fx["image.rgb"].shape[:2])
+    cases = [(f"tensor.{prefix}", "tensor", size) for prefix, size in POST_SIZES.items()]
     table = {}
-    for name, case, (h, w) in (("tensor.post640x480", "tensor", (480, 640)), ("tensor.post160x120", "tensor", (120, 160)),
-                               ("image", "image", image_size), ("image.predict", "image", image_size)):
+    for name, case, (h, w) in cases + [("image", "image", image_size), ("image.predict", "image", image_size)]:
         scores = fx[f"{case}.det.score"]
         ties = near_ties(scores, BAND)
         # a candidate near conf_thresh matters only when the output is not full or ends near conf_thresh: else it
         # scores below every kept detection, so it can neither enter nor suppress one (Fast NMS suppresses downwards)
-        entering = near_conf if len(scores) < model.cfg.max_detections or scores[-1] < model.cfg.conf_thresh + BAND else 0
-        table[f"{name}.classes"] = Allowance(entering, f"{near_conf} candidates within {BAND:g} of conf_thresh, {entering} "
-                                             f"able to reach the output; {ties} adjacent scores within {BAND:g} (rows re-matched)")
+        full = len(scores) == model.cfg.max_detections and scores[-1] >= model.cfg.conf_thresh + BAND
+        entering = 0 if full else near_conf
+        table[f"{name}.classes"] = Allowance(entering, f"{near_conf} candidates within {BAND:g} of conf_thresh, "
+                                             f"{entering} able to reach the output; {ties} adjacent scores within "
+                                             f"{BAND:g} (rows re-matched)")
         sizes = torch.tensor([w, h, w, h])
         table[f"{name}.boxes"] = Allowance(near_integer(fx[f"{case}.det.box"] * sizes, BAND * max(h, w), sizes),
                                           f"box coordinates within {BAND:g} x image side of an integer (truncated)")

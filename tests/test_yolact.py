@@ -1,6 +1,6 @@
 """YOLACT against dbolya/yolact: every stage of the recorded yolact_resnet50 fixture (floats within 1e-5 rel,
-discrete outputs identical up to a measured allowance; bitwise where a canary shows the recording's kernels), Detect and postprocess on the recorded network outputs, batches, odd sizes, zero detections
-and autocast, the converter's rules and refusals, the checkpoint structure of every variant (yolact_resnet101 =
+discrete outputs identical up to a measured allowance; bitwise where a canary shows the recording's kernels),
+Detect and postprocess on the recorded network outputs, batches, odd sizes, zero detections and autocast, the converter's rules and refusals, the checkpoint structure of every variant (yolact_resnet101 =
 yolact_base, im700, darknet53) as the spec describes it, and YOLACT's box ops against direct loops."""
 import copy
 import dataclasses
