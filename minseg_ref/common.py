@@ -112,11 +112,9 @@ class Allowance:
     reason: str
 
 
-def failures(stages: list[Stage], tolerance: float, allowances: dict[str, Allowance],
-             wider: dict[str, float] | None = None) -> list[str]:
-    """The stages that fail, each with why. Float stages: max rel diff <= tolerance (or wider[name], a tolerance
-    named per stage with its reason where it is defined). Discrete stages: at most allowances[name].limit values
-    differ (0 without an allowance)."""
+def failures(stages: list[Stage], tolerance: float, allowances: dict[str, Allowance]) -> list[str]:
+    """The stages that fail, each with why. Float stages: max rel diff <= tolerance (no stage of either fixture
+    needs more). Discrete stages: at most allowances[name].limit values differ (0 without an allowance)."""
     out = []
     for s in stages:
         if s.bitwise:
@@ -125,7 +123,7 @@ def failures(stages: list[Stage], tolerance: float, allowances: dict[str, Allowa
             limit = allowances[s.name].limit if s.name in allowances else 0
             if s.differing > limit:
                 out.append(f"{s.name} ({s.differing} values differ, {limit} allowed)")
-        elif not s.max_rel <= (wider or {}).get(s.name, tolerance):
+        elif not s.max_rel <= tolerance:
             out.append(f"{s.name} (max rel {s.max_rel:.2g})")
     return out
 
