@@ -112,6 +112,17 @@ def test_allowance_table_is_small_and_measured(allowances):
     assert all(a.limit <= 20 and a.reason for a in allowances.values()), ref.allowance_table(allowances)
 
 
+def test_verdict_allows_only_the_measured_values():
+    """A float stage beyond the tolerance fails; a discrete stage fails when more values differ than its allowance
+    (none without one); bitwise stages always pass."""
+    from minseg_ref.common import Allowance, Stage, failures
+
+    stages = [Stage("f", False, 1e-3, 2e-5), Stage("g", False, 1e-3, 1e-5), Stage("d", False, differing=3, discrete=True),
+              Stage("e", False, differing=1, discrete=True), Stage("b", True, discrete=True)]
+    assert failures(stages, 1e-5, {"e": Allowance(1, "one mask pixel within 1e-5 of 0.5")}) == \
+        ["f (max rel 2e-05)", "d (3 values differ, 0 allowed)"]
+
+
 def test_detect_and_postprocess_on_recorded_outputs(model, recorded, allowances):
     """Detect and postprocess fed the original's own network outputs. Bitwise where that holds by construction on
     every CPU: classes, scores and coefficients are gathers of the recorded tensors. The boxes go through exp, which
