@@ -1,10 +1,10 @@
-"""panoptic_fpn_resnet50 / panoptic_fpn_resnet101 against detectron2: every stage of both recorded cases, the
+"""panoptic_fpn_resnet50 / panoptic_fpn_resnet101 against detectron2: every stage of both recorded cases (floats
+within 1e-5 rel, discrete outputs identical up to a measured allowance; bitwise where a canary shows the
+recording's kernels), the
 detectron2 checkpoint reader (safe unpickling, .pth, legacy keys), the R-101 key list derived from the spec, and
 eval-time edge cases (batches of different sizes, no detections, no stuff, autocast, CUDA)."""
 import os
 import pickle
-import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -57,11 +57,22 @@ def model(converted):
 
 
 @pytest.fixture(scope="module")
-def pairs(model, recorded):
+def outputs(model, recorded):
+    """Each case's (output, captured stages), as run_report() leaves them."""
+    return {case: ref.run_case(model, recorded[0], case) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def pairs(recorded, outputs):
     out = {}
     for case in CASES:
-        out.update(ref.stage_pairs(model, recorded[0], case))
+        out.update(ref.stage_pairs(recorded[0], case, *outputs[case]))
     return out
+
+
+@pytest.fixture(scope="module")
+def allowances(model, recorded, outputs):
+    return ref.allowances(model, recorded[0], outputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,20 +83,68 @@ def test_every_recorded_stage_is_compared(pairs, recorded):
     assert set(recorded[0]) - inputs == set(pairs)
 
 
-def test_fixture_stages(pairs):
-    """Discrete outputs (proposal order up to near-tie swaps, classes, masks, panoptic map, segments) identical;
-    float tensors within float32 rounding of other CPU kernels (bitwise with the recording's, see below)."""
-    rows = [(name, *ref.compare(a, b)) for name, (a, b) in pairs.items()]
-    assert not ref.failures(rows, bitwise=False), [r for r in rows if r[0] in ref.failures(rows, bitwise=False)]
+def test_fixture_stages(pairs, allowances):
+    """Float stages within TOLERANCE relative to their scale; discrete outputs (proposal order up to near-tie swaps,
+    classes, masks, panoptic map, segments) identical but for the measured allowance (values within rounding of a
+    threshold). Bitwise where this machine has the recording's kernels: the next test."""
+    stages = [ref.compare_stage(name, a, b) for name, (a, b) in pairs.items()]
+    assert ref.failures(stages, ref.TOLERANCE, allowances) == [], ref.allowance_table(allowances)
 
 
-@pytest.mark.skipif(not ref.recorded_kernels_available(), reason="needs x86-64 with AVX2 to select the recording machine's kernels")
-def test_fixture_bitwise_with_recorded_kernels():
-    """With the AVX2 kernels the fixture machine used, every stage up to RoIAlign (features, proposals, sem_seg) is
-    bitwise identical, and every discrete output too; the float stages after RoIAlign differ only by its
-    summation order (ref.ROI_ALIGN_TOLERANCE)."""
-    rows = ref.run_report_recorded_kernels()
-    assert not ref.failures(rows, bitwise=True), [r for r in rows if not r[1]]
+def test_fixture_bitwise_where_the_kernels_match(model, recorded, pairs):
+    """Where the canary (the sem-seg head and the RPN re-run from the recording's own FPN features) is bitwise, this
+    CPU computes what the recording's did, and then every stage is bitwise."""
+    same_kernels, why = ref.canary(model, recorded[0])
+    if not same_kernels:
+        pytest.skip(f"this CPU's kernels round otherwise than the recording's ({why}); floats are checked within "
+                    f"{ref.TOLERANCE:g} rel above")
+    assert [name for name, (ours, expected) in pairs.items() if not torch.equal(ours.to(expected.dtype), expected)] == []
+
+
+def test_canary_is_bitwise_on_its_own_forward(model, recorded, outputs):
+    """The canary re-runs exactly the forward's steps: fed this machine's own FPN features, sem_seg and proposals in
+    place of the recording's, it reproduces them bitwise, so a canary that differs is the kernels, not the harness."""
+    out, cap = outputs["model"]
+    fx = dict(recorded[0])
+    fx.update({f"model.features.{level}": cap["features"][level] for level in ref.LEVELS})
+    (proposals,) = cap["proposals"]
+    fx.update({"model.sem_seg": out["sem_seg"], "model.proposals.boxes": proposals["boxes"],
+               "model.proposals.objectness_logits": proposals["scores"]})
+    assert ref.canary(model, fx) == (True, "")
+
+
+def test_allowance_table_is_small_and_measured(allowances):
+    assert all(a.limit <= 10 and a.reason for a in allowances.values()), ref.allowance_table(allowances)
+
+
+def test_near_tie_swaps_are_rematched(recorded):
+    """The predictor case's instances 25 and 26 score 6.3e-6 apart: where rounding swaps them, the raw and final
+    instances are put back in the recording's order and the segment ids relabelled, so the comparison sees the
+    recording itself; any other difference is left alone."""
+    fx = recorded[0]
+    case, (i, j) = "predictor", (25, 26)
+    swap = torch.arange(len(fx[f"{case}.raw.scores"]))
+    swap[[i, j]] = swap[[j, i]]
+    raw = {key: fx[f"{case}.raw.{rec}"][swap] for key, rec in
+           (("boxes", "pred_boxes"), ("scores", "scores"), ("labels", "pred_classes"), ("mask_probs", "mask_probs"))}
+    instances = {key: fx[f"{case}.instances.{rec}"][swap] for key, rec in
+                 (("boxes", "pred_boxes"), ("scores", "scores"), ("labels", "pred_classes"), ("masks", "pred_masks"))}
+    ids = {int(a): int(b) for a, b in zip(fx[f"{case}.segments.id"], fx[f"{case}.segments.instance_id"])}
+    first, second = [s for s, inst in ids.items() if inst in (i, j)]  # their segments, as fusion numbered them
+    panoptic = fx[f"{case}.panoptic_seg"].clone()
+    panoptic[fx[f"{case}.panoptic_seg"] == first], panoptic[fx[f"{case}.panoptic_seg"] == second] = second, first
+    segments = [{"id": {first: second, second: first}.get(int(s), int(s)), "isthing": bool(t), "category_id": int(c),
+                 "instance_id": int(swap[inst]) if inst >= 0 else -1}
+                for s, t, c, inst in zip(fx[f"{case}.segments.id"], fx[f"{case}.segments.isthing"],
+                                         fx[f"{case}.segments.category_id"], fx[f"{case}.segments.instance_id"])]
+    segments = sorted(segments, key=lambda s: s["id"])
+    out = {"instances": instances, "panoptic_seg": panoptic, "segments_info": segments}
+    followed, cap = ref.follow_recorded_order(fx, case, out, {"raw": [raw]})
+    assert torch.equal(cap["raw"][0]["labels"], fx[f"{case}.raw.pred_classes"])
+    assert torch.equal(followed["instances"]["masks"], fx[f"{case}.instances.pred_masks"])
+    assert torch.equal(followed["panoptic_seg"], fx[f"{case}.panoptic_seg"])
+    assert [s["id"] for s in followed["segments_info"]] == fx[f"{case}.segments.id"].tolist()
+    assert [s["instance_id"] for s in followed["segments_info"]] == fx[f"{case}.segments.instance_id"].tolist()
 
 
 def test_proposal_matching_only_forgives_near_tie_swaps():
@@ -96,16 +155,22 @@ def test_proposal_matching_only_forgives_near_tie_swaps():
     assert torch.equal(kept, rec[[0, 2, 1]])
 
 
-def test_segments_info_matches_recorded_dicts(model, recorded):
-    """The segments_info dicts themselves (keys, types, values) as detectron2 returned them (meta.json)."""
+def test_segments_info_matches_recorded_dicts(recorded, outputs, allowances):
+    """The segments_info dicts themselves (keys, types, values) as detectron2 returned them (meta.json); a stuff
+    area may differ by the pixels the allowance table counts."""
     fx, meta, _ = recorded
-    out, _ = ref.run_case(model, fx, "model")
+    out, _ = ref.follow_recorded_order(fx, "model", *outputs["model"])
     expected = meta["cases"]["model"]["segments_info"]
     assert [sorted(s) for s in out["segments_info"]] == [sorted(s) for s in expected]
     for ours, theirs in zip(out["segments_info"], expected):
         for key, value in theirs.items():
             assert type(ours[key]) is type(value), key
-            assert ours[key] == pytest.approx(value, rel=1e-5) if key == "score" else ours[key] == value
+            if key == "score":
+                assert ours[key] == pytest.approx(value, rel=ref.TOLERANCE)
+            elif key == "area":
+                assert abs(ours[key] - value) <= allowances["model.segments.area"].limit
+            else:
+                assert ours[key] == value, key
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,14 +342,14 @@ def test_autocast_bfloat16_runs(model):
     assert out["panoptic_seg"].dtype == torch.int32 and out["instances"]["masks"].dtype == torch.bool
 
 
-def test_predict_reads_a_file_like_the_recorded_array(model, recorded, tmp_path):
-    """An image file gives what the recorded RGB array gave detectron2's DefaultPredictor."""
+def test_predict_reads_a_file_like_the_recorded_array(model, recorded, outputs, tmp_path):
+    """An image file gives what the recorded RGB array gives (compared with the recording in test_fixture_stages)."""
     from PIL import Image
 
     fx = recorded[0]
     Image.fromarray(fx["predictor.rgb"].numpy()).save(tmp_path / "im.png")
     (out,) = model.predict(tmp_path / "im.png")
-    assert torch.equal(out["panoptic_seg"], fx["predictor.panoptic_seg"])
+    assert torch.equal(out["panoptic_seg"], outputs["predictor"][0]["panoptic_seg"])
 
 
 def assert_well_formed(out: dict, height: int, width: int, max_detections: int = 100):
@@ -325,14 +390,14 @@ def test_thousands_of_proposals(model, recorded):
     assert len(boxes) > 1000 and torch.all(logits[:-1] >= logits[1:])
     first = ref.match_proposals(boxes[:1000], logits[:1000], fx["model.proposals.boxes"],
                                 fx["model.proposals.objectness_logits"])
-    for ours, key in zip(first, ("model.proposals.boxes", "model.proposals.objectness_logits")):
-        equal, _, rel = ref.compare(ours, fx[key])
-        assert equal or rel <= ref.TOLERANCE, (key, rel)
+    stages = [ref.compare_stage(key, ours, fx[key]) for ours, key in
+              zip(first, ("model.proposals.boxes", "model.proposals.objectness_logits"))]
+    assert ref.failures(stages, ref.TOLERANCE, {}) == []
     assert len(captured["raw"][0]["scores"]) == 100  # the cap
     assert_well_formed(out, 120, 168)
 
 
-def test_one_detection(model, recorded):
+def test_one_detection(model, recorded, allowances):
     """detections_per_img=1: shapes [1, 4], [1], [1, H, W]; the first of detectron2's 100 recorded instances (its
     NMS survivors are sorted by score, the cap keeps the first); at most one thing segment."""
     fx = recorded[0]
@@ -341,11 +406,10 @@ def test_one_detection(model, recorded):
     inst = out["instances"]
     assert inst["boxes"].shape == (1, 4) and inst["scores"].shape == (1,) and inst["labels"].shape == (1,)
     assert_well_formed(out, 120, 168, max_detections=1)
-    for key, rec in (("boxes", "pred_boxes"), ("scores", "scores")):
-        equal, _, rel = ref.compare(inst[key], fx[f"model.instances.{rec}"][:1])
-        assert equal or rel <= ref.TOLERANCE, (key, rel)
-    assert torch.equal(inst["labels"], fx["model.instances.pred_classes"][:1])
-    assert torch.equal(inst["masks"].to(torch.uint8), fx["model.instances.pred_masks"][:1])
+    stages = [ref.compare_stage(f"model.instances.{rec}", ours, fx[f"model.instances.{rec}"][:1]) for ours, rec in
+              ((inst["boxes"], "pred_boxes"), (inst["scores"], "scores"), (inst["labels"], "pred_classes"),
+               (inst["masks"].to(torch.uint8), "pred_masks"))]
+    assert ref.failures(stages, ref.TOLERANCE, allowances) == []
     assert sum(s["isthing"] for s in out["segments_info"]) <= 1
 
 

@@ -1,6 +1,6 @@
-"""YOLACT against dbolya/yolact: every stage of the recorded yolact_resnet50 fixture (bitwise with the recording
-machine's CPU kernels), Detect and postprocess on the recorded network outputs, batches, odd sizes, zero detections
-and autocast, the converter's rules and refusals, the checkpoint structure of every variant (yolact_resnet101 =
+"""YOLACT against dbolya/yolact: every stage of the recorded yolact_resnet50 fixture (floats within 1e-5 rel,
+discrete outputs identical up to a measured allowance; bitwise where a canary shows the recording's kernels),
+Detect and postprocess on the recorded network outputs, batches, odd sizes, zero detections and autocast, the converter's rules and refusals, the checkpoint structure of every variant (yolact_resnet101 =
 yolact_base, im700, darknet53) as the spec describes it, and YOLACT's box ops against direct loops."""
 import copy
 import dataclasses
@@ -18,17 +18,6 @@ from minseg_ref.common import diff, load_synth
 from minseg_ref.parity_yolact import meta_state, yolact_keys
 
 from conftest import cuda
-
-STAGES = (
-    [f"tensor.{c}.{s}" for c in ("C3", "C4", "C5") for s in ("first16ch", "mean_per_channel", "absmax_per_channel")]
-    + [f"tensor.P{i}" for i in range(3, 8)]
-    + [f"tensor.{k}" for k in ("loc", "conf", "mask", "priors", "proto")]
-    + [f"tensor.det.{k}" for k in ("box", "class", "score", "mask")]
-    + [f"tensor.post640x480.{k}" for k in ("classes", "scores", "boxes", "mask_sums")]
-    + [f"tensor.post160x120.{k}" for k in ("classes", "scores", "boxes", "mask_sums", "masks")]
-    + ["image.batch"] + [f"image.det.{k}" for k in ("box", "class", "score", "mask")]
-    + [f"{p}.{k}" for p in ("image", "image.predict") for k in ("classes", "scores", "boxes", "mask_sums", "masks")]
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -55,8 +44,19 @@ def model(synth_state):
 
 
 @pytest.fixture(scope="module")
-def pairs(model, recorded):
-    return ref.stage_pairs(model, recorded[0])
+def outputs():
+    """The network outputs of both recorded cases, as stage_pairs() leaves them (for the allowance table)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def pairs(model, recorded, outputs):
+    return ref.stage_pairs(model, recorded[0], outputs)
+
+
+@pytest.fixture(scope="module")
+def allowances(model, recorded, pairs, outputs):
+    return ref.allowances(model, recorded[0], outputs)
 
 
 @pytest.fixture(scope="module")
@@ -71,42 +71,72 @@ def small_outputs(model, recorded):
 # parity with the recorded original
 
 def test_every_recorded_stage_is_compared(pairs, recorded):
-    assert set(pairs) == set(STAGES)
+    assert list(pairs) == ref.STAGES
     recorded_outputs = {k.replace(".masks_packbits", ".masks") for k in recorded[0] if k not in ("tensor.x", "image.rgb")}
-    assert recorded_outputs <= set(STAGES)
+    assert recorded_outputs <= set(ref.STAGES)
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_fixture_stage(pairs, stage):
-    """Discrete outputs (classes, int boxes, masks, mask sizes) identical; float tensors within float32 rounding
-    (bitwise with the recording machine's kernels, see the next test)."""
-    ours, expected = pairs[stage]
-    equal, d, r = ref.compare(ours, expected)
-    if expected.is_floating_point():
-        assert equal or r <= ref.TOLERANCE, f"{stage}: max abs {d:.3g}, max rel {r:.3g}"
-    else:
-        assert equal, f"{stage}: differs from the original"
+@pytest.mark.parametrize("stage", ref.STAGES)
+def test_fixture_stage(pairs, allowances, stage):
+    """Float stages within TOLERANCE relative to their scale; discrete stages (classes, int boxes, masks, mask sizes)
+    identical but for the measured allowance (values within rounding of a threshold). Bitwise where this machine
+    has the recording's kernels: the next test."""
+    s = ref.compare_stage(stage, *pairs[stage])
+    assert not ref.failures([s], ref.TOLERANCE, allowances), s
 
 
-@pytest.mark.skipif(not ref.recorded_kernels_available(), reason="needs x86-64 Linux with AVX2 (the fixture's kernels)")
-def test_fixture_bitwise_with_recorded_kernels(recorded):
-    """With oneDNN and ATen restricted to AVX2, as on the machine that recorded the fixture, every stage is
-    bitwise equal: the remaining difference above is the CPU's conv kernels, not minseg's order of operations."""
-    rows = ref.run_report_recorded_kernels()
-    assert {name for name, *_ in rows} == set(STAGES)
-    assert [name for name, equal, *_ in rows if not equal] == []
+def test_fixture_bitwise_where_the_kernels_match(model, recorded, pairs):
+    """Where the canary (the head, protonet and Detect re-run from the recording's own inputs) is bitwise, this CPU
+    computes what the recording's did, and then every stage is bitwise: minseg follows the original's op order."""
+    same_kernels, why = ref.canary(model, recorded[0])
+    if not same_kernels:
+        pytest.skip(f"this CPU's kernels round otherwise than the recording's ({why}); floats are checked within "
+                    f"{ref.TOLERANCE:g} rel above")
+    assert [name for name, (ours, expected) in pairs.items() if not torch.equal(ours.to(expected.dtype), expected)] == []
 
 
-def test_detect_and_postprocess_bitwise_on_recorded_outputs(model, recorded):
-    """Detect and postprocess fed the original's own network outputs: bitwise on any CPU (no conv involved), so
-    the decode, Fast NMS, mask assembly, crop and resize follow the original's float order exactly."""
+def test_canary_is_bitwise_on_its_own_forward(model, recorded, outputs, pairs):
+    """The canary re-runs exactly the forward's steps: fed this machine's own P3..P7 and network outputs in place of
+    the recording's, it reproduces them bitwise, so a canary that differs is the kernels, not the harness."""
+    fx, out = dict(recorded[0]), outputs["tensor"]
+    fx.update({f"tensor.P{i + 3}": p for i, p in enumerate(outputs["tensor.levels"])})
+    fx.update({f"tensor.{k}": out[k] for k in ("loc", "conf", "mask", "priors", "proto")})
+    fx["tensor.det.box"] = model.detect(out)[0]["boxes_rel"]
+    assert ref.canary(model, fx) == (True, "")
+
+
+def test_allowance_table_is_small_and_measured(allowances):
+    """Every discrete stage with a postprocess threshold has its allowance, and each is a few values: the measured
+    count of values within BAND of a threshold, not a blanket tolerance."""
+    assert {s for s in ref.STAGES if s.endswith((".classes", ".boxes", ".masks", ".mask_sums"))} == set(allowances)
+    assert all(a.limit <= 20 and a.reason for a in allowances.values()), ref.allowance_table(allowances)
+
+
+def test_verdict_allows_only_the_measured_values():
+    """A float stage beyond the tolerance fails; a discrete stage fails when more values differ than its allowance
+    (none without one); bitwise stages always pass."""
+    from minseg_ref.common import Allowance, Stage, failures
+
+    stages = [Stage("f", False, 1e-3, 2e-5), Stage("g", False, 1e-3, 1e-5), Stage("d", False, differing=3, discrete=True),
+              Stage("e", False, differing=1, discrete=True), Stage("b", True, discrete=True)]
+    assert failures(stages, 1e-5, {"e": Allowance(1, "one mask pixel within 1e-5 of 0.5")}) == \
+        ["f (max rel 2e-05)", "d (3 values differ, 0 allowed)"]
+
+
+def test_detect_and_postprocess_on_recorded_outputs(model, recorded, allowances):
+    """Detect and postprocess fed the original's own network outputs. Bitwise where that holds by construction on
+    every CPU: classes, scores and coefficients are gathers of the recorded tensors. The boxes go through exp, which
+    is not correctly rounded and differs by CPU (MKL dispatches on the CPU itself: 2 of 400 values differ by 1 ulp,
+    2.98e-8, on an AVX-512 CPU, also with ATEN_CPU_CAPABILITY=avx2): within TOLERANCE. Postprocessed discrete outputs
+    identical but for the allowance."""
     fx = recorded[0]
-    outputs = {k: fx[f"tensor.{k}"] for k in ("loc", "conf", "mask", "priors", "proto")}
+    outputs = recorded_outputs(fx)
     pairs = ref.detection_pairs("tensor.det", model.detect(outputs)[0], fx)
+    assert [k for k in ("tensor.det.class", "tensor.det.score", "tensor.det.mask") if not torch.equal(*pairs[k])] == []
     for prefix, (h, w) in ref.POST_SIZES.items():
         (post,) = model.postprocess(outputs, [(h, w)])
         pairs.update(ref.postprocessed_pairs(f"tensor.{prefix}", post, fx, w, f"tensor.{prefix}.masks_packbits" in fx))
-    assert [name for name, (ours, expected) in pairs.items() if not ref.compare(ours, expected)[0]] == []
+    assert ref.failures(ref.report(pairs), ref.TOLERANCE, allowances) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -183,18 +213,20 @@ def with_cfg(model, **changes):
     return other
 
 
-def test_thousands_of_candidates(model, recorded):
+def test_thousands_of_candidates(model, recorded, allowances):
     """The recorded outputs send 19137 of 19248 priors past conf_thresh, 200 per class into Fast NMS; with
     max_detections=2000 all 2000 come out, well formed. The cap only cuts the score-sorted survivors, so the
-    first 100 are the original's 100 detections, bitwise, and so are their postprocessed boxes and masks."""
+    first 100 are the original's 100 detections: classes, scores and coefficients bitwise (gathers of the recorded
+    tensors), boxes within TOLERANCE (exp), postprocessed boxes and masks identical but for the allowance."""
     fx = recorded[0]
     outputs = recorded_outputs(fx)
     assert (outputs["conf"][0, :, 1:].max(1).values > model.cfg.conf_thresh).sum() > 19000
     many = with_cfg(model, max_detections=2000)
     (det,) = many.detect(outputs)
     assert det["labels"].shape == (2000,) and det["coeffs"].shape == (2000, 32)
-    first = {k: v[:100] for k, v in det.items()}
-    assert [k for k, (a, b) in ref.detection_pairs("tensor.det", first, fx).items() if not ref.compare(a, b)[0]] == []
+    first = ref.detection_pairs("tensor.det", {k: v[:100] for k, v in det.items()}, fx)
+    assert [k for k in ("tensor.det.class", "tensor.det.score", "tensor.det.mask") if not torch.equal(*first[k])] == []
+    assert ref.failures(ref.report(first), ref.TOLERANCE, allowances) == []
     (post,) = many.postprocess(outputs, [(120, 160)])
     assert post["boxes"].shape == (2000, 4) and post["masks"].shape == (2000, 120, 160)
     assert torch.all(post["scores"][:-1] >= post["scores"][1:])
@@ -202,22 +234,24 @@ def test_thousands_of_candidates(model, recorded):
     x1, y1, x2, y2 = post["boxes"].unbind(1)
     assert torch.all((0 <= x1) & (x1 <= x2) & (x2 <= 160) & (0 <= y1) & (y1 <= y2) & (y2 <= 120))
     pairs = ref.postprocessed_pairs("tensor.post160x120", {k: v[:100] for k, v in post.items()}, fx, 160, True)
-    assert [k for k, (a, b) in pairs.items() if not ref.compare(a, b)[0]] == []
+    assert ref.failures(ref.report(pairs), ref.TOLERANCE, allowances) == []
 
 
-def test_one_detection(model, recorded):
-    """max_detections=1: shapes [1, 4], [1], [1, H, W]; the original's best detection, bitwise."""
+def test_one_detection(model, recorded, allowances):
+    """max_detections=1: shapes [1, 4], [1], [1, H, W]; the original's best detection (as in the test above)."""
     fx = recorded[0]
     outputs = recorded_outputs(fx)
     one = with_cfg(model, max_detections=1)
     (det,) = one.detect(outputs)
     first = {k: v[:1] for k, v in fx.items() if k.startswith(("tensor.det.", "tensor.post160x120."))}
-    assert [k for k, (a, b) in ref.detection_pairs("tensor.det", det, first).items() if not ref.compare(a, b)[0]] == []
+    det_pairs = ref.detection_pairs("tensor.det", det, first)
+    assert [k for k in ("tensor.det.class", "tensor.det.score", "tensor.det.mask") if not torch.equal(*det_pairs[k])] == []
+    assert ref.failures(ref.report(det_pairs), ref.TOLERANCE, allowances) == []
     (post,) = one.postprocess(outputs, [(120, 160)])
     assert post["boxes"].shape == (1, 4) and post["labels"].shape == (1,) and post["scores"].shape == (1,)
     assert post["masks"].shape == (1, 120, 160) and post["masks"].dtype == torch.bool
     pairs = ref.postprocessed_pairs("tensor.post160x120", post, first, 160, True)
-    assert [k for k, (a, b) in pairs.items() if not ref.compare(a, b)[0]] == []
+    assert ref.failures(ref.report(pairs), ref.TOLERANCE, allowances) == []
 
 
 def test_cross_class_nms_option(model, small_outputs):
