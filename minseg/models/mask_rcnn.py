@@ -75,6 +75,8 @@ class MaskRCNN(nn.Module):
         check_image_list(images, "a floating-point Tensor[3, H, W] in 0..1")
         resized = []
         for i, image in enumerate(images):
+            if self.training:  # kept: torchvision draws its random choice of min_size (one here) per image
+                torch.empty(1).uniform_(0.0, 1.0)  # so the samplers' randperm draws that follow match its
             H, W = image.shape[1:]
             scale = resize_scale(H, W, t.min_size, t.max_size)
             if math.floor(H * scale) < 1 or math.floor(W * scale) < 1:  # torchvision fails inside interpolate
@@ -97,7 +99,12 @@ class MaskRCNN(nn.Module):
             batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         return batch, sizes
 
-    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        if self.training:
+            if targets is None:
+                raise ValueError("in train mode the model needs targets: per image {'boxes', 'labels', 'masks'}")
+            return self.forward_train(images, targets)
         # 1. normalise, resize, pad; ResNet; FPN
         x, sizes = self.preprocess(images)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
@@ -108,6 +115,29 @@ class MaskRCNN(nn.Module):
         # 3. back to each image's own size
         return [postprocess(d, size, original) for d, size, original in zip(detections, sizes, original_sizes)]
 
+    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Train mode: images and their targets {"boxes": Tensor[K, 4] xyxy pixels, "labels": Tensor[K] int64 in
+        1..num_classes-1, "masks": Tensor[K, H, W] uint8} -> torchvision's five losses (their sum is the
+        objective). Follows torchvision generalized_rcnn.py."""
+        check_targets(images, targets)
+        # 1. normalise, resize, pad the images; resize their targets the same way
+        x, sizes = self.preprocess(images)
+        tf = self.transform
+        originals = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        targets = [resize_target(t, hw, size, resize_scale(*hw, tf.min_size, tf.max_size))
+                   for t, hw, size in zip(targets, originals, sizes)]
+        for i, t in enumerate(targets):  # torchvision checks after resizing
+            bad = torch.where((t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1))[0]
+            if len(bad):
+                raise ValueError(f"image {i}: box {int(bad[0])} {t['boxes'][bad[0]].tolist()} (after resizing) has "
+                                 "no positive width and height; boxes must be xyxy with x2 > x1, y2 > y1")
+        features = self.fpn(self.backbone(x))
+        # 2. RPN proposals and losses, then the RoI heads' losses on them
+        proposals, rpn_losses = self.rpn.forward_train(features, sizes, (x.shape[-2], x.shape[-1]),
+                                                       [t["boxes"] for t in targets])
+        head_losses = self.roi_heads.forward_train(features, [p["boxes"] for p in proposals], sizes, targets)
+        return {**head_losses, **rpn_losses}
+
     @torch.no_grad()
     def predict(self, images) -> list[dict[str, Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the forward() dict at the
@@ -116,6 +146,38 @@ class MaskRCNN(nn.Module):
 
         device = next(self.parameters()).device
         return [self([to_tensor(image).to(device)])[0] for image in load_rgb_list(images)]
+
+
+def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    """Clear errors for targets a train-mode forward cannot take (torchvision's checks, as ValueError/TypeError)."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"expected a list of {len(images)} target dicts, one per image, got {type(targets).__name__}"
+                         + (f" of {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
+    for i, t in enumerate(targets):
+        missing = [k for k in ("boxes", "labels", "masks") if k not in t]
+        if missing:
+            raise ValueError(f"target {i} lacks {missing}: each needs 'boxes', 'labels' and 'masks'")
+        boxes, labels = t["boxes"], t["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: expected boxes as a Tensor[K, 4], got "
+                             f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
+        if not boxes.is_floating_point():
+            raise TypeError(f"target {i}: boxes must be floating point, got {boxes.dtype}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"target {i}: labels must be int64, got {labels.dtype}")
+
+
+def resize_target(target: dict[str, Tensor], original: tuple[int, int], size: tuple[int, int],
+                  scale: float) -> dict[str, Tensor]:
+    """Boxes scaled by float32 ratios (torchvision's resize_boxes) and masks resized by nearest neighbour with
+    the image's scale factor (its _resize_image_and_masks), from (h, w) `original` to `size`."""
+    boxes = target["boxes"]
+    ratio_h, ratio_w = (torch.tensor(s, dtype=torch.float32, device=boxes.device) /
+                        torch.tensor(o, dtype=torch.float32, device=boxes.device) for s, o in zip(size, original))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    boxes = torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+    masks = F.interpolate(target["masks"][:, None].float(), scale_factor=scale, recompute_scale_factor=True)[:, 0]
+    return {**target, "boxes": boxes, "masks": masks.byte()}
 
 
 def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[int, int]) -> dict[str, Tensor]:
@@ -136,7 +198,8 @@ def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_me
               image_std: tuple[float, float, float], rpn_pre_nms_top_n_train: int, rpn_pre_nms_top_n_test: int,
               rpn_post_nms_top_n_train: int, rpn_post_nms_top_n_test: int, rpn_nms_thresh: float,
               rpn_score_thresh: float, box_score_thresh: float, box_nms_thresh: float, box_detections_per_img: int,
-              bbox_reg_weights: tuple[float, float, float, float] | None, norm: str, norm_eps: float) -> MaskRCNN:
+              bbox_reg_weights: tuple[float, float, float, float] | None, norm: str, norm_eps: float,
+              trainable_backbone_layers: int | None = None) -> MaskRCNN:
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too (torchvision's meaning); got {num_classes}")
     head_norm = norm if v2 else None
@@ -155,7 +218,22 @@ def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_me
                        detections_per_img=box_detections_per_img),
         MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
         BoxCoder(tuple(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))))
+    if trainable_backbone_layers is None:  # torchvision: 3 when starting from trained weights, else all 5
+        trainable_backbone_layers = 3 if norm.startswith("frozen") else 5
+    freeze_backbone_layers(backbone, trainable_backbone_layers)
     return MaskRCNN(transform, backbone, fpn, rpn, roi_heads)
+
+
+def freeze_backbone_layers(backbone: ResNet, trainable: int) -> None:
+    """torchvision's trainable_layers (backbone_utils._resnet_fpn_extractor): only the last `trainable` of
+    layer4, layer3, layer2, layer1, conv1 (with bn1 when all 5) keep requires_grad. Frozen BatchNorm2d layers
+    still update their running statistics in train mode, as torchvision's do."""
+    if not 0 <= trainable <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable}")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable] + (["bn1"] if trainable == 5 else [])
+    for name, p in backbone.named_parameters():
+        if not any(name.startswith(prefix) for prefix in train):
+            p.requires_grad_(False)
 
 
 def maskrcnn_resnet50_fpn(
@@ -167,13 +245,14 @@ def maskrcnn_resnet50_fpn(
         rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
         box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
         bbox_reg_weights: tuple[float, float, float, float] | None = None,
-        norm: str = "frozen", norm_eps: float = 0.0) -> MaskRCNN:
+        norm: str = "frozen", norm_eps: float = 0.0, trainable_backbone_layers: int | None = None) -> MaskRCNN:
     """torchvision's maskrcnn_resnet50_fpn; keyword arguments as torchvision's MaskRCNN (num_classes includes
-    the background). norm/norm_eps: see the module docstring (default: the official COCO weights)."""
+    the background). norm/norm_eps: see the module docstring (default: the official COCO weights).
+    trainable_backbone_layers: 0..5, torchvision's; default 3 with a frozen norm, 5 with "bn"."""
     return mask_rcnn(False, num_classes, min_size, max_size, image_mean, image_std, rpn_pre_nms_top_n_train,
                      rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh,
                      rpn_score_thresh, box_score_thresh, box_nms_thresh, box_detections_per_img, bbox_reg_weights,
-                     norm, norm_eps)
+                     norm, norm_eps, trainable_backbone_layers)
 
 
 def maskrcnn_resnet50_fpn_v2(
@@ -185,9 +264,9 @@ def maskrcnn_resnet50_fpn_v2(
         rpn_nms_thresh: float = 0.7, rpn_score_thresh: float = 0.0,
         box_score_thresh: float = 0.05, box_nms_thresh: float = 0.5, box_detections_per_img: int = 100,
         bbox_reg_weights: tuple[float, float, float, float] | None = None,
-        norm: str = "bn", norm_eps: float = 1e-5) -> MaskRCNN:
+        norm: str = "bn", norm_eps: float = 1e-5, trainable_backbone_layers: int | None = None) -> MaskRCNN:
     """torchvision's maskrcnn_resnet50_fpn_v2 (BatchNorm in backbone, FPN and heads); arguments as v1."""
     return mask_rcnn(True, num_classes, min_size, max_size, image_mean, image_std, rpn_pre_nms_top_n_train,
                      rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train, rpn_post_nms_top_n_test, rpn_nms_thresh,
                      rpn_score_thresh, box_score_thresh, box_nms_thresh, box_detections_per_img, bbox_reg_weights,
-                     norm, norm_eps)
+                     norm, norm_eps, trainable_backbone_layers)
