@@ -73,11 +73,10 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
         out = self.bn2(out)
-        out += identity
+        out += x if self.downsample is None else self.downsample(x)  # kept: after the main path (see Bottleneck)
         return self.relu(out)
 
 
@@ -94,13 +93,14 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.conv2(out)  # one statement per conv, so its input is freed before the norm runs
         out = self.relu(self.bn2(out))
         out = self.conv3(out)
         out = self.bn3(out)
-        out += identity
+        # kept: the shortcut after the main path, as both originals: autograd then sums x's gradients (the next
+        # stage's and the FPN's) in their order, so training gradients are bitwise theirs
+        out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
 
