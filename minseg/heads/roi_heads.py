@@ -219,7 +219,8 @@ class RoIHeads(nn.Module):
             labels.append(label[keep])
             matches.append(match[keep])
         # 2. box head on the sampled proposals
-        x = self.box_head(self.box_pooler(feats, boxes, image_sizes))                # (S, fc_dim)
+        table = feature_table(feats)  # one copy of the pyramid, read by both poolers
+        x = self.box_head(self.box_pooler(feats, boxes, image_sizes, table))                # (S, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
         pos = [torch.where(lab > 0)[0] for lab in labels]
         mask_boxes = [b[p] for b, p in zip(boxes, pos)]                              # the positives' boxes
@@ -227,7 +228,7 @@ class RoIHeads(nn.Module):
         targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))      # (P, 4)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
         # 3. mask head on the positives, against the gt masks cropped to them
-        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes))  # (M, K+1, 28, 28)
+        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes, table))  # (M, K+1, 28, 28)
         mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1])
                         for t, b, m, p in zip(targets, mask_boxes, matches, pos)]
         mask_labels = torch.cat([lab[p] for lab, p in zip(labels, pos)])

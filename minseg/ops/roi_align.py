@@ -335,6 +335,8 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     channels-last map of the table's dtype is already a table, and is used as it is.
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return _FeatureTable.apply(dtype, *features)
     C = features[0].shape[1]
     first = features[0]
     if len(features) == 1 and first.dtype == dtype and first.is_contiguous(memory_format=torch.channels_last):
@@ -347,6 +349,27 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
         rows.copy_(f.permute(0, 2, 3, 1))  # (N, H, W, C): a plain copy when f is channels_last
         start += N * H * W
     return table
+
+
+class _FeatureTable(torch.autograd.Function):
+    """feature_table with gradients handed back to each level as a contiguous Tensor[N, C, H, W] (autograd
+    through the copy would hand back channels-last views of the table's gradient; a norm's backward then reduces
+    in another order than the originals', whose RoIAlign returns contiguous gradients)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *features):
+        ctx.shapes, ctx.dtypes = [f.shape for f in features], [f.dtype for f in features]
+        with torch.no_grad():
+            return feature_table(list(features), dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (R, C)
+        grads, start = [], 0
+        for (N, C, H, W), dtype in zip(ctx.shapes, ctx.dtypes):
+            rows = grad[start:start + N * H * W].view(N, H, W, C)
+            grads.append(rows.permute(0, 3, 1, 2).contiguous().to(dtype))              # (N, C, H, W)
+            start += N * H * W
+        return (None, *grads)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
