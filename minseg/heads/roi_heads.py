@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minseg.ops.boxes import batched_nms, clip_boxes_to_image
+from minseg.heads.matching import BalancedSampler, Matcher
+from minseg.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 from minseg.ops.layers import make_norm
 from minseg.ops.poolers import MultiScaleRoIAlign
-from minseg.ops.roi_align import feature_table
+from minseg.ops.roi_align import feature_table, roi_align
 
 
 @dataclass(frozen=True)
@@ -126,16 +127,22 @@ class RoIHeads(nn.Module):
     scale, by decreasing score.
 
     box_pooler, mask_pooler: MultiScaleRoIAlign to 7x7 and 14x14 (each original's level rule, alignment and
-    sampling); box_coder: `encode` / `decode` with the box head's weights (ops/box_coders.py).
+    sampling); box_coder: `encode` / `decode` with the box head's weights (ops/box_coders.py); matcher,
+    sampler: training's proposal assignment (heads/matching.py; default torchvision's). `forward_train`
+    returns the losses instead (torchvision's layout, background first).
     """
 
     def __init__(self, cfg: RoIHeadsConfig, box_pooler: MultiScaleRoIAlign, mask_pooler: MultiScaleRoIAlign,
-                 box_coder):
+                 box_coder, matcher: Matcher | None = None, sampler: BalancedSampler | None = None):
         super().__init__()
         if cfg.background not in ("first", "last"):
             raise ValueError(f"background must be 'first' or 'last', got {cfg.background!r}")
         self.cfg = cfg
         self.box_pooler, self.mask_pooler, self.box_coder = box_pooler, mask_pooler, box_coder
+        # training only: proposal matching (IoU >= 0.5 foreground) and sampling (512 per image, a quarter
+        # positive at most), torchvision's
+        self.matcher = matcher or Matcher([0.5], [0, 1])
+        self.sampler = sampler or BalancedSampler(512, 0.25)
         self.box_head = BoxHead(cfg)
         self.box_predictor = BoxPredictor(cfg)
         self.mask_head = MaskHead(cfg)
@@ -186,3 +193,78 @@ class RoIHeads(nn.Module):
         boxes, scores, labels = boxes.reshape(-1, 4)[keep], scores.reshape(-1)[keep], labels.reshape(-1)[keep]
         keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+    def forward_train(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+                      targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Losses of the box and mask heads (torchvision roi_heads.py, training branch).
+
+        proposals: per image Tensor[P_i, 4] (no gradient); targets: per image {"boxes": Tensor[G_i, 4],
+        "labels": Tensor[G_i] int64 in 1..K, "masks": Tensor[G_i, H_i, W_i] uint8}, all at the network's input
+        scale -> {"loss_classifier", "loss_box_reg", "loss_mask"}.
+        """
+        if self.cfg.background != "first":
+            raise NotImplementedError("training is torchvision's (background first)")
+        feats = [features[k] for k in self.cfg.in_features]
+        # 1. per image: the gt boxes join the proposals; match, sample, label
+        boxes, labels, matches = [], [], []
+        for props, t in zip(proposals, targets):
+            gt_boxes, gt_labels = t["boxes"].to(props.dtype), t["labels"]
+            props = torch.cat((props, gt_boxes))
+            match, match_label = self.matcher(box_iou(gt_boxes, props))              # (P,), (P,)
+            label = gt_labels[match] if len(gt_boxes) else torch.zeros_like(match)
+            label = torch.where(match_label == 1, label, match_label.to(label.dtype))  # 0 background, -1 ignored
+            (pos, neg), = self.sampler([label])
+            keep = torch.cat((pos, neg)).sort()[0]  # in proposal order, as torchvision's sampled mask
+            boxes.append(props[keep])
+            labels.append(label[keep])
+            matches.append(match[keep])
+        # 2. box head on the sampled proposals
+        table = feature_table(feats)  # one copy of the pyramid, read by both poolers
+        x = self.box_head(self.box_pooler(feats, boxes, image_sizes, table))                # (S, fc_dim)
+        class_logits, box_deltas = self.box_predictor(x)
+        pos = [torch.where(lab > 0)[0] for lab in labels]
+        mask_boxes = [b[p] for b, p in zip(boxes, pos)]                              # the positives' boxes
+        gt_of_pos = torch.cat([t["boxes"].to(b.dtype)[m[p]] for t, b, m, p in zip(targets, boxes, matches, pos)])
+        targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))      # (P, 4)
+        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
+        # 3. mask head on the positives, against the gt masks cropped to them
+        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes, table))  # (M, K+1, 28, 28)
+        mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1])
+                        for t, b, m, p in zip(targets, mask_boxes, matches, pos)]
+        mask_labels = torch.cat([lab[p] for lab, p in zip(labels, pos)])
+        loss_mask = maskrcnn_loss(mask_logits, mask_labels, torch.cat(mask_targets))
+        return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
+
+
+def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets_pos: Tensor
+                  ) -> tuple[Tensor, Tensor]:
+    """Box head losses over the S sampled proposals (torchvision's fastrcnn_loss).
+
+    class_logits Tensor[S, K+1], box_deltas Tensor[S, (K+1)*4], labels Tensor[S] (0 background),
+    targets_pos Tensor[P, 4]: the encoded gt boxes of the P positives (labels > 0), in order.
+      loss_classifier = mean over S of cross entropy
+      loss_box_reg    = sum over positives of smooth_l1(deltas of the gt class - target, beta 1/9) / S
+    """
+    S = class_logits.shape[0]
+    pos = torch.where(labels > 0)[0]
+    deltas = box_deltas.reshape(S, -1, 4)[pos, labels[pos]]                          # (P, 4)
+    box_loss = F.smooth_l1_loss(deltas, targets_pos, beta=1 / 9, reduction="sum") / labels.numel()
+    return F.cross_entropy(class_logits, labels), box_loss
+
+
+def project_masks(gt_masks: Tensor, boxes: Tensor, matches: Tensor, M: int) -> Tensor:
+    """Mask targets: each box's matched gt mask Tensor[G, H, W] cropped to the box and resampled to M x M by
+    RoIAlign (adaptive sampling, not aligned; torchvision's project_masks_on_boxes) -> Tensor[len(boxes), M, M]
+    soft values in 0..1."""
+    rois = torch.cat((matches.to(boxes)[:, None], boxes), dim=1)                      # (B, 5)
+    return roi_align(gt_masks[:, None].to(rois), rois, (M, M), 1.0)[:, 0]
+
+
+def maskrcnn_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:
+    """Mean over the positives' M x M pixels of BCE(sigmoid(logit of the gt class's channel), target).
+    mask_logits Tensor[P, K+1, M, M], labels Tensor[P], mask_targets Tensor[P, M, M]. No positives: 0, still
+    connected to the graph (torchvision's mask_logits.sum() * 0)."""
+    if mask_targets.numel() == 0:
+        return mask_logits.sum() * 0
+    index = torch.arange(labels.shape[0], device=labels.device)
+    return F.binary_cross_entropy_with_logits(mask_logits[index, labels], mask_targets)

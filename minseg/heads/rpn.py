@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minseg.ops.boxes import batched_nms, clip_boxes_to_image
+from minseg.heads.matching import BalancedSampler, Matcher
+from minseg.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 
 
 @dataclass(frozen=True)
@@ -50,15 +51,22 @@ class RPN(nn.Module):
     P <= post_nms_top_n, by decreasing score.
 
     anchor_generator: `generator(feature_maps, padded_size)` -> per level Tensor[H*W*A, 4] (ops/anchors.py);
-    box_coder: `encode(targets, anchors)` / `decode(deltas, anchors)` (ops/box_coders.py, weights (1, 1, 1, 1)).
+    box_coder: `encode(targets, anchors)` / `decode(deltas, anchors)` (ops/box_coders.py, weights (1, 1, 1, 1));
+    matcher, sampler: training's anchor assignment (heads/matching.py; default torchvision's).
+    `forward_train` also returns the losses.
     """
 
-    def __init__(self, cfg: RPNConfig, anchor_generator: nn.Module, box_coder):
+    def __init__(self, cfg: RPNConfig, anchor_generator: nn.Module, box_coder, matcher: Matcher | None = None,
+                 sampler: BalancedSampler | None = None):
         super().__init__()
         if cfg.objectness not in ("sigmoid", "logits"):
             raise ValueError(f"objectness must be 'sigmoid' or 'logits', got {cfg.objectness!r}")
         self.cfg = cfg
         self.anchor_generator, self.box_coder = anchor_generator, box_coder
+        # training only: anchor matching and sampling (both originals: IoU >= 0.7 fg, < 0.3 bg, best anchor of
+        # each gt fg; 256 anchors per image, half positive at most)
+        self.matcher = matcher or Matcher([0.3, 0.7], [0, -1, 1], allow_low_quality_matches=True)
+        self.sampler = sampler or BalancedSampler(256, 0.5)
         A = anchor_generator.num_anchors_per_location()[0]  # the same on every level (one shared head)
         C = cfg.channels
         self.conv = nn.ModuleList(nn.Conv2d(C, C, 3, padding=1) for _ in range(cfg.conv_depth))
@@ -98,11 +106,54 @@ class RPN(nn.Module):
                 padded_size: tuple[int, int]) -> list[dict[str, Tensor]]:
         """features: the FPN levels of a padded batch Tensor[N, 3, *padded_size]; image_sizes: each image's
         unpadded (height, width)."""
-        cfg = self.cfg
-        feats = [features[k] for k in cfg.in_features]
-        N = feats[0].shape[0]
+        feats = [features[k] for k in self.cfg.in_features]
         logits, deltas = self.head(feats)
         anchors = self.anchor_generator(feats, padded_size)  # per level, the same for every image
+        return self.propose(logits, deltas, anchors, image_sizes)
+
+    def forward_train(self, features: dict[str, Tensor], image_sizes: list[tuple[int, int]],
+                      padded_size: tuple[int, int], gt_boxes: list[Tensor]
+                      ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
+        """As forward (with the train-mode top-n), plus the losses for gt_boxes: per image Tensor[G_i, 4] xyxy
+        at the network's input scale -> (proposals, {"loss_objectness", "loss_rpn_box_reg"})."""
+        feats = [features[k] for k in self.cfg.in_features]
+        logits, deltas = self.head(feats)
+        anchors = self.anchor_generator(feats, padded_size)
+        proposals = self.propose(logits, deltas, anchors, image_sizes)
+        return proposals, self.losses(logits, deltas, torch.cat(anchors), gt_boxes)
+
+    def losses(self, logits: list[Tensor], deltas: list[Tensor], anchors: Tensor,
+               gt_boxes: list[Tensor]) -> dict[str, Tensor]:
+        """Objectness and box losses on a sample of anchors (torchvision rpn.py compute_loss).
+
+        anchors: Tensor[R, 4], all levels. Per image: match anchors to the gt boxes, sample positives and
+        negatives; then over the batch's S sampled anchors
+          loss_objectness  = mean over S of BCE(sigmoid(logit), label)
+          loss_rpn_box_reg = sum over positives of smooth_l1(delta - encode(gt, anchor), beta 1/9) / S
+        """
+        R = anchors.shape[0]
+        logits = torch.cat(logits, dim=1).reshape(-1)                                 # (N*R,) image-major
+        deltas = torch.cat(deltas, dim=1).reshape(-1, 4)                              # (N*R, 4)
+        matched = [self.matcher(box_iou(gt, anchors)) for gt in gt_boxes]            # per image (R,), (R,)
+        samples = self.sampler([labels for _, labels in matched])
+        # positives of every image, then negatives of every image, as torchvision's masks give them
+        pos = torch.cat([p + i * R for i, (p, _) in enumerate(samples)])
+        neg = torch.cat([n + i * R for i, (_, n) in enumerate(samples)])
+        sampled = torch.cat((pos, neg))
+        labels = torch.cat([lab for _, lab in matched]).float()                      # (N*R,) 1 / 0 / -1
+        # regression targets of the positives only (torchvision encodes every anchor, the same values)
+        gt_of_pos = torch.cat([gt[m[p]] for gt, (m, _), (p, _) in zip(gt_boxes, matched, samples)])
+        targets = self.box_coder.encode(gt_of_pos, anchors[pos % R])
+        box_loss = F.smooth_l1_loss(deltas[pos], targets, beta=1 / 9, reduction="sum") / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
+
+    def propose(self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
+                image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per-level logits Tensor[N, R_l] and deltas Tensor[N, R_l, 4] at anchors Tensor[R_l, 4] -> proposals
+        per image (the train-mode top-n in train mode). Nothing here carries gradients."""
+        cfg = self.cfg
+        N = logits[0].shape[0]
         proposals = self.decode([d.detach() for d in deltas], anchors)              # (N, R, 4)
         # 1. top pre_nms_top_n per level, by logit
         pre_nms_top_n = cfg.pre_nms_top_n_train if self.training else cfg.pre_nms_top_n_test

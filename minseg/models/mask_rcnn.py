@@ -78,6 +78,8 @@ class MaskRCNN(nn.Module):
         check_image_list(images, "a floating-point Tensor[3, H, W] in 0..1")
         resized = []
         for i, image in enumerate(images):
+            if self.training:  # kept: torchvision draws its random choice of min_size (one here) per image
+                torch.empty(1).uniform_(0.0, 1.0)  # so the samplers' randperm draws that follow match its
             H, W = image.shape[1:]
             scale = resize_scale(H, W, t.min_size, t.max_size)
             if math.floor(H * scale) < 1 or math.floor(W * scale) < 1:  # torchvision fails inside interpolate
@@ -100,7 +102,12 @@ class MaskRCNN(nn.Module):
             batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         return batch, sizes
 
-    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
+                ) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        if self.training:
+            if targets is None:
+                raise ValueError("in train mode the model needs targets: per image {'boxes', 'labels', 'masks'}")
+            return self.forward_train(images, targets)
         # 1. normalise, resize, pad; ResNet; FPN
         x, sizes = self.preprocess(images)
         original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
@@ -111,6 +118,29 @@ class MaskRCNN(nn.Module):
         # 3. back to each image's own size
         return [postprocess(d, size, original) for d, size, original in zip(detections, sizes, original_sizes)]
 
+    def forward_train(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Train mode: images and their targets {"boxes": Tensor[K, 4] xyxy pixels, "labels": Tensor[K] int64 in
+        1..num_classes-1, "masks": Tensor[K, H, W] uint8} -> torchvision's five losses (their sum is the
+        objective). Follows torchvision generalized_rcnn.py."""
+        check_targets(images, targets)
+        # 1. normalise, resize, pad the images; resize their targets the same way
+        x, sizes = self.preprocess(images)
+        tf = self.transform
+        originals = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        targets = [resize_target(t, hw, size, resize_scale(*hw, tf.min_size, tf.max_size))
+                   for t, hw, size in zip(targets, originals, sizes)]
+        for i, t in enumerate(targets):  # torchvision checks after resizing
+            bad = torch.where((t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(dim=1))[0]
+            if len(bad):
+                raise ValueError(f"image {i}: box {int(bad[0])} {t['boxes'][bad[0]].tolist()} (after resizing) has "
+                                 "no positive width and height; boxes must be xyxy with x2 > x1, y2 > y1")
+        features = self.fpn(self.backbone(x))
+        # 2. RPN proposals and losses, then the RoI heads' losses on them
+        proposals, rpn_losses = self.rpn.forward_train(features, sizes, (x.shape[-2], x.shape[-1]),
+                                                       [t["boxes"] for t in targets])
+        head_losses = self.roi_heads.forward_train(features, [p["boxes"] for p in proposals], sizes, targets)
+        return {**head_losses, **rpn_losses}
+
     @inference
     def predict(self, images) -> list[dict[str, Tensor]]:
         """RGB images (paths, PIL, uint8 HxWx3 arrays; one or a list) -> per image the forward() dict at the
@@ -119,6 +149,38 @@ class MaskRCNN(nn.Module):
 
         device = next(self.parameters()).device
         return [self([to_tensor(image).to(device)])[0] for image in load_rgb_list(images)]
+
+
+def check_targets(images: list[Tensor], targets: list[dict[str, Tensor]]) -> None:
+    """Clear errors for targets a train-mode forward cannot take (torchvision's checks, as ValueError/TypeError)."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != len(images):
+        raise ValueError(f"expected a list of {len(images)} target dicts, one per image, got {type(targets).__name__}"
+                         + (f" of {len(targets)}" if isinstance(targets, (list, tuple)) else ""))
+    for i, t in enumerate(targets):
+        missing = [k for k in ("boxes", "labels", "masks") if k not in t]
+        if missing:
+            raise ValueError(f"target {i} lacks {missing}: each needs 'boxes', 'labels' and 'masks'")
+        boxes, labels = t["boxes"], t["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {i}: expected boxes as a Tensor[K, 4], got "
+                             f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
+        if not boxes.is_floating_point():
+            raise TypeError(f"target {i}: boxes must be floating point, got {boxes.dtype}")
+        if labels.dtype != torch.int64:
+            raise TypeError(f"target {i}: labels must be int64, got {labels.dtype}")
+
+
+def resize_target(target: dict[str, Tensor], original: tuple[int, int], size: tuple[int, int],
+                  scale: float) -> dict[str, Tensor]:
+    """Boxes scaled by float32 ratios (torchvision's resize_boxes) and masks resized by nearest neighbour with
+    the image's scale factor (its _resize_image_and_masks), from (h, w) `original` to `size`."""
+    boxes = target["boxes"]
+    ratio_h, ratio_w = (torch.tensor(s, dtype=torch.float32, device=boxes.device) /
+                        torch.tensor(o, dtype=torch.float32, device=boxes.device) for s, o in zip(size, original))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    boxes = torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+    masks = F.interpolate(target["masks"][:, None].float(), scale_factor=scale, recompute_scale_factor=True)[:, 0]
+    return {**target, "boxes": boxes, "masks": masks.byte()}
 
 
 def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[int, int]) -> dict[str, Tensor]:
@@ -162,6 +224,7 @@ class MaskRCNNConfig:
     bbox_reg_weights: tuple[float, float, float, float] | None = None  # None: (10, 10, 5, 5)
     norm: str = "frozen"                            # see the module docstring
     norm_eps: float = 0.0
+    trainable_backbone_layers: int | None = None    # 0..5, torchvision's; None: 3 with a frozen norm, 5 with "bn"
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, 2, MAX_CLASSES)  # with the background
@@ -179,6 +242,8 @@ class MaskRCNNConfig:
             set_checked(self, "bbox_reg_weights", weights)
         check_choice("norm", self.norm, ("frozen", "bn"))
         check_float("norm_eps", self.norm_eps, 0.0, 1.0)
+        if self.trainable_backbone_layers is not None:
+            check_int("trainable_backbone_layers", self.trainable_backbone_layers, 0, 5)
 
 
 def mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:
@@ -199,7 +264,23 @@ def mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:
                        detections_per_img=cfg.box_detections_per_img),
         MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
         BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0)))
+    trainable = cfg.trainable_backbone_layers
+    if trainable is None:  # torchvision: 3 when starting from trained weights, else all 5
+        trainable = 3 if cfg.norm == "frozen" else 5
+    freeze_backbone_layers(backbone, trainable)
     return MaskRCNN(transform, backbone, fpn, rpn, roi_heads)
+
+
+def freeze_backbone_layers(backbone: ResNet, trainable: int) -> None:
+    """torchvision's trainable_layers (backbone_utils._resnet_fpn_extractor): only the last `trainable` of
+    layer4, layer3, layer2, layer1, conv1 (with bn1 when all 5) keep requires_grad. Frozen BatchNorm2d layers
+    still update their running statistics in train mode, as torchvision's do."""
+    if not 0 <= trainable <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable}")
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable] + (["bn1"] if trainable == 5 else [])
+    for name, p in backbone.named_parameters():
+        if not any(name.startswith(prefix) for prefix in train):
+            p.requires_grad_(False)
 
 
 def maskrcnn_resnet50_fpn_config(**options) -> MaskRCNNConfig:

@@ -133,10 +133,9 @@ def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tens
     return (start + p * bin_size) + ((i + 0.5) * bin_size) / grid
 
 
-def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-                P: tuple[int, int], g: int, aligned: bool, fused: bool) -> Tensor:
-    """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
-    K = rois.shape[0]
+def _fixed_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor, P: tuple[int, int],
+                g: int, aligned: bool) -> tuple[Tensor, Tensor]:
+    """Table rows and weights of every tap: Tensor[K, Ph, Pw, g, g, 4] each, in (RoI, bin, sample, tap) order."""
     Ph, Pw = P
     y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
     dtype, device = y1.dtype, y1.device
@@ -148,7 +147,44 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
                     torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
     ty = [t[:, :, None, :, None] for t in _bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
     tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
-    idx, wts = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
+    return _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
+
+
+class _PoolFixedCPU(torch.autograd.Function):
+    """The CPU form with fixed sampling and torchvision's CPU backward (roi_align_kernel.cpp
+    roi_align_backward_kernel_impl): every tap of every sample adds (grad of its bin * w) / g^2 to its pixel,
+    in (RoI, bin, sample, tap) order, so gradients are bitwise torchvision's. Autograd through the forward's
+    sums would add the same terms in another order (equal to float32 rounding)."""
+
+    @staticmethod
+    def forward(ctx, table, rois, base, height, width, scale, P, g, aligned):
+        ctx.save_for_backward(rois, base, height, width, scale)
+        ctx.P, ctx.g, ctx.aligned, ctx.rows = P, g, aligned, table.shape[0]
+        return _pool(table, rois, base, height, width, scale, P, g, aligned, fused=False)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (K, C, Ph, Pw)
+        rois, base, height, width, scale = ctx.saved_tensors
+        (Ph, Pw), g = ctx.P, ctx.g
+        K, C = grad.shape[:2]
+        bins = grad.permute(0, 2, 3, 1)[:, :, :, None, None, None, :]                # (K, Ph, Pw, 1, 1, 1, C)
+        count = device_scalar(max(g * g, 1), grad)
+        grad_table = grad.new_zeros((ctx.rows, C))
+        step = max(1, _MAX_VALUES // (Ph * Pw * g * g * 4 * max(C, 1)))
+        for s in range(0, K, step):  # RoIs in order; index_add_ adds its rows one after another
+            e = s + step
+            idx, wts = _fixed_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], ctx.P, g, ctx.aligned)
+            terms = (bins[s:e] * wts[..., None]) / count                              # (k, Ph, Pw, g, g, 4, C)
+            grad_table.index_add_(0, idx.reshape(-1), terms.reshape(-1, C))
+        return grad_table, None, None, None, None, None, None, None, None
+
+
+def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                P: tuple[int, int], g: int, aligned: bool, fused: bool) -> Tensor:
+    """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
+    K = rois.shape[0]
+    Ph, Pw = P
+    idx, wts = _fixed_taps(rois, base, height, width, scale, P, g, aligned)
     M, G, C = K * Ph * Pw, g * g, table.shape[1]
     if fused:  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
@@ -275,6 +311,8 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     if K * C * Ph * Pw == 0:  # nothing to pool
         return table.new_zeros((K, C, Ph, Pw))
     max_entries = _MAX_ENTRIES_GPU if fused else _MAX_ENTRIES
+    if sampling_ratio > 0 and not fused and table.requires_grad and torch.is_grad_enabled():
+        return _PoolFixedCPU.apply(table, rois, base, height, width, scale, P, sampling_ratio, aligned)
     if sampling_ratio > 0:
         step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
@@ -297,6 +335,8 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     channels-last map of the table's dtype is already a table, and is used as it is.
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return _FeatureTable.apply(dtype, *features)
     C = features[0].shape[1]
     first = features[0]
     if len(features) == 1 and first.dtype == dtype and first.is_contiguous(memory_format=torch.channels_last):
@@ -309,6 +349,27 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
         rows.copy_(f.permute(0, 2, 3, 1))  # (N, H, W, C): a plain copy when f is channels_last
         start += N * H * W
     return table
+
+
+class _FeatureTable(torch.autograd.Function):
+    """feature_table with gradients handed back to each level as a contiguous Tensor[N, C, H, W] (autograd
+    through the copy would hand back channels-last views of the table's gradient; a norm's backward then reduces
+    in another order than the originals', whose RoIAlign returns contiguous gradients)."""
+
+    @staticmethod
+    def forward(ctx, dtype, *features):
+        ctx.shapes, ctx.dtypes = [f.shape for f in features], [f.dtype for f in features]
+        with torch.no_grad():
+            return feature_table(list(features), dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # grad: (R, C)
+        grads, start = [], 0
+        for (N, C, H, W), dtype in zip(ctx.shapes, ctx.dtypes):
+            rows = grad[start:start + N * H * W].view(N, H, W, C)
+            grads.append(rows.permute(0, 3, 1, 2).contiguous().to(dtype))              # (N, C, H, W)
+            start += N * H * W
+        return (None, *grads)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

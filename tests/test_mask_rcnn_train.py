@@ -1,0 +1,142 @@
+"""Mask R-CNN v1/v2 training against torchvision's own models: the same weights, batch, targets and seed give
+bitwise-equal losses, gradients of every parameter and BatchNorm running statistics on CPU, the same parameters
+with requires_grad, and three SGD steps end with bitwise-equal weights. Plus the matcher and sampler against
+torchvision's (hypothesis), RoIAlign's backward, and the train-mode errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import minseg
+from minseg.heads.matching import BalancedSampler, Matcher
+from minseg.ops.roi_align import roi_align
+from minseg_ref.parity_maskrcnn import images
+from minseg_ref.train_maskrcnn import (SMALL, build_train_pair, in_minseg_names, losses_and_grads, make_targets,
+                                       max_rel, sgd_steps)
+
+torchvision = pytest.importorskip("torchvision")
+SIZES = [(150, 200), (180, 160)]  # two sizes: padding and per-image image_sizes matter
+
+
+@pytest.mark.parametrize("name, setup, counts", [
+    ("maskrcnn_resnet50_fpn", "bn", [3, 2]),
+    ("maskrcnn_resnet50_fpn", "frozen", [3, 0]),   # official-like frozen backbone; an image without objects
+    ("maskrcnn_resnet50_fpn_v2", "bn", [2, 3]),
+])
+def test_losses_gradients_running_stats(name, setup, counts):
+    ref, ours = build_train_pair(name, setup, **SMALL)
+    xs, targets = images(SIZES, seed=1), make_targets(SIZES, counts, seed=1)
+    la, ga = losses_and_grads(ref, xs, targets, seed=5)
+    lb, gb = losses_and_grads(ours, xs, targets, seed=5)
+    assert list(lb) == ["loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"]
+    assert {k: v.item() for k, v in lb.items()} == {k: v.item() for k, v in la.items()}  # bitwise
+    assert all(v.item() > 0 for v in lb.values())
+    # the same parameters train, with bitwise-equal gradients
+    trains = in_minseg_names(ref, ours, name, {n: torch.full_like(p, float(p.requires_grad))
+                                               for n, p in ref.named_parameters()})
+    assert all(bool((trains[n] == float(p.requires_grad)).all()) for n, p in ours.named_parameters())
+    ga = in_minseg_names(ref, ours, name, ga)
+    assert set(gb) == {n for n, p in ours.named_parameters() if p.requires_grad}
+    worst = max((max_rel(gb[n], ga[n]), n) for n in gb)
+    assert worst[0] == 0, worst
+    # running statistics after the train-mode forward, and every other buffer
+    expected, state = minseg.convert("torchvision", ref.state_dict(), arch=name), ours.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_three_sgd_steps():
+    ref, ours = build_train_pair("maskrcnn_resnet50_fpn", "bn", **SMALL)
+    batches = [(images(SIZES, seed=s), make_targets(SIZES, [3, 2], seed=s)) for s in (1, 2, 3)]
+    ha, hb = sgd_steps(ref, batches, seed=7), sgd_steps(ours, batches, seed=7)
+    for a, b in zip(ha, hb):
+        assert {k: v.item() for k, v in a.items()} == {k: v.item() for k, v in b.items()}
+    expected, state = minseg.convert("torchvision", ref.state_dict(), arch="maskrcnn_resnet50_fpn"), ours.state_dict()
+    assert all(torch.equal(state[k], expected[k]) for k in state)
+
+
+def test_train_mode_errors():
+    model = minseg.create_model("maskrcnn_resnet50_fpn", num_classes=3, min_size=64, max_size=96).train()
+    x = [torch.rand(3, 64, 80)]
+    with pytest.raises(ValueError, match="targets"):
+        model(x)
+    bad = {"boxes": torch.tensor([[5.0, 5.0, 20.0, 30.0], [10.0, 10.0, 10.0, 40.0]]),
+           "labels": torch.tensor([1, 2]), "masks": torch.zeros(2, 64, 80, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match=r"image 0: box 1"):
+        model(x, [bad])
+    with pytest.raises(TypeError, match="int64"):
+        model(x, [{**bad, "labels": bad["labels"].int()}])
+
+
+@pytest.mark.parametrize("layers", [0, 3, 5])
+def test_trainable_backbone_layers(layers):
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    ref = _resnet_fpn_extractor(torchvision.models.resnet50(), layers).body
+    ours = minseg.create_model("maskrcnn_resnet50_fpn", norm="bn", trainable_backbone_layers=layers).backbone
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == \
+           {n for n, p in ref.named_parameters() if p.requires_grad}
+    frozen_default = minseg.create_model("maskrcnn_resnet50_fpn").backbone  # norm="frozen": torchvision's 3
+    assert {n.split(".")[0] for n, p in frozen_default.named_parameters() if p.requires_grad} == \
+           {"layer2", "layer3", "layer4"}
+    with pytest.raises(ValueError, match="0..5"):
+        minseg.create_model("maskrcnn_resnet50_fpn", trainable_backbone_layers=6)
+
+
+@st.composite
+def quality_matrices(draw):
+    G, N = draw(st.integers(0, 4)), draw(st.integers(1, 12))
+    # a few distinct values: ties within a row and a column, values exactly at the thresholds
+    values = st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.69, 0.7, 0.9, 1.0])
+    return torch.tensor(draw(st.lists(values, min_size=G * N, max_size=G * N)), dtype=torch.float32).reshape(G, N)
+
+
+@settings(max_examples=200, deadline=None)
+@given(quality_matrices(), st.booleans())
+def test_matcher_matches_torchvision(quality, rpn):
+    from torchvision.models.detection._utils import Matcher as TVMatcher
+
+    if rpn:
+        ours, ref = Matcher([0.3, 0.7], [0, -1, 1], True), TVMatcher(0.7, 0.3, True)
+    else:
+        ours, ref = Matcher([0.5], [0, 1]), TVMatcher(0.5, 0.5, False)
+    matches, labels = ours(quality)
+    if quality.shape[0] == 0:  # torchvision's callers: everything background
+        assert (labels == 0).all()
+        return
+    expected = ref(quality)
+    assert torch.equal(torch.where(labels == 1, matches, torch.where(labels == 0, -1, -2)), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([-1, 0, 1, 2]), min_size=0, max_size=40), min_size=1, max_size=3),
+       st.sampled_from([(8, 0.5), (4, 0.25), (64, 0.25)]), st.integers(0, 1000))
+def test_sampler_matches_torchvision(labels, params, seed):
+    """Ties, all-negative images, more positives than the sampler takes: the same picks from the same seed."""
+    from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
+
+    labels = [torch.tensor(lab, dtype=torch.int64) for lab in labels]
+    torch.manual_seed(seed)
+    pos_masks, neg_masks = BalancedPositiveNegativeSampler(*params)(labels)
+    torch.manual_seed(seed)
+    picks = BalancedSampler(*params)(labels)
+    for (pos, neg), pm, nm in zip(picks, pos_masks, neg_masks):
+        assert torch.equal(pos, torch.where(pm)[0]) and torch.equal(neg, torch.where(nm)[0])
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling", [0, 2])
+def test_roi_align_backward(aligned, sampling):
+    """Fixed sampling: bitwise torchvision's CPU backward (its accumulation order); adaptive: float32 rounding."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 20, 24, generator=g, requires_grad=True)
+    xy = torch.rand(40, 2, generator=g) * 44 - 4
+    boxes = torch.cat((torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + torch.rand(40, 2, generator=g) * 20),
+                      dim=1)
+    grad = torch.randn(40, 8, 7, 7, generator=g)
+    expected, = torch.autograd.grad(torchvision.ops.roi_align(x, boxes, (7, 7), 0.5, sampling, aligned), x, grad)
+    ours, = torch.autograd.grad(roi_align(x, boxes, (7, 7), 0.5, sampling, aligned), x, grad)
+    if sampling > 0:
+        assert torch.equal(ours, expected)
+    else:
+        assert max_rel(ours, expected) < 1e-6
