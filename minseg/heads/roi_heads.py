@@ -25,8 +25,7 @@ from torch import Tensor, nn
 
 from minseg.ops.boxes import batched_nms, clip_boxes_to_image
 from minseg.ops.layers import make_norm
-from minseg.ops.poolers import MultiScaleRoIAlign
-from minseg.ops.roi_align import feature_table
+from minseg.ops.poolers import MultiScaleRoIAlign, shared_feature_tables
 
 
 @dataclass(frozen=True)
@@ -140,13 +139,12 @@ class RoIHeads(nn.Module):
         self.box_predictor = BoxPredictor(cfg)
         self.mask_head = MaskHead(cfg)
 
+    @shared_feature_tables()  # the two poolers read one channels-last copy of the pyramid
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        feats = [features[k] for k in self.cfg.in_features]
         counts = [len(p) for p in proposals]
-        table = feature_table(feats)  # one channels-last copy of the pyramid, read by both poolers
         # 1. box head on every proposal, then per image selection
-        x = self.box_head(self.box_pooler(feats, proposals, image_sizes, table))   # (R, fc_dim)
+        x = self.box_head(self.box_pooler(features, proposals, image_sizes))       # (R, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))             # (R, B*4)
         probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
@@ -154,8 +152,7 @@ class RoIHeads(nn.Module):
                       zip(boxes.split(counts), probs.split(counts), image_sizes)]
         # 2. mask head at the detected boxes; keep the channel of each box's class
         mask_boxes = [d["boxes"] for d in detections]
-        pooled = self.mask_pooler(feats, mask_boxes, image_sizes, table)             # (K, C, 14, 14)
-        del table  # as large as the pooled pyramid levels together; not needed past the poolers
+        pooled = self.mask_pooler(features, mask_boxes, image_sizes)                # (K, C, 14, 14)
         mask_logits = self.mask_head(pooled)
         labels = torch.cat([d["labels"] for d in detections])
         index = torch.arange(len(labels), device=labels.device)

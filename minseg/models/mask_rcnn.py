@@ -153,7 +153,8 @@ def mask_rcnn(v2: bool, num_classes: int, min_size: int, max_size: int, image_me
         RoIHeadsConfig(num_classes=num_classes - 1, box_convs=4 if v2 else 0, box_fcs=1 if v2 else 2, norm=head_norm,
                        norm_eps=norm_eps, score_thresh=box_score_thresh, nms_thresh=box_nms_thresh,
                        detections_per_img=box_detections_per_img),
-        MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
+        MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2),  # torchvision's level rule, scales from the sizes
+        MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 14, 2),
         BoxCoder(tuple(bbox_reg_weights or (10.0, 10.0, 5.0, 5.0))))
     return MaskRCNN(transform, backbone, fpn, rpn, roi_heads)
 
