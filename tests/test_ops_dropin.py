@@ -176,10 +176,10 @@ def test_roi_align_gradient_is_torchvisions(problem, sampling_ratio, aligned):
 
 
 def test_roi_align_gradient_realistic_sizes_and_non_finite():
-    """300 RoIs on a 50x68 map; then a non-finite output gradient, which reaches only the pixels its bins read."""
+    """100 RoIs on a 50x68 map, with a non-finite output gradient, which reaches only the pixels its bins read."""
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(2, 16, 50, 68, generator=g)
-    boxes = [image_boxes(g, 120, (200, 272)), image_boxes(g, 180, (200, 272))]
+    x = torch.randn(2, 4, 50, 68, generator=g)
+    boxes = [image_boxes(g, 40, (200, 272)), image_boxes(g, 60, (200, 272))]
     for P, sr, aligned in ((7, 2, False), (14, 0, True), ((5, 3), -1, False)):
         xs = [x.clone().requires_grad_() for _ in range(2)]
         outs = mo.roi_align(xs[0], boxes, P, 0.25, sr, aligned), tvo.roi_align(xs[1], boxes, P, 0.25, sr, aligned)
@@ -213,7 +213,9 @@ def test_no_gradient_into_the_boxes():
 
 @pytest.mark.parametrize("sampling_ratio, aligned", [(2, False), (0, True), (-1, False), (1, True)])
 def test_roi_align_gradcheck_and_gradgradcheck(sampling_ratio, aligned):
-    """float64, tiny: the gradient is the derivative, and the backward itself has the right derivative."""
+    """float64, tiny: the gradient is the derivative, and the backward itself has the right derivative. The
+    adaptive grid (sampling_ratio <= 0) is checked along random directions (fast_mode): each of its calls reads
+    the grid to the host, and the full Jacobians take hundreds of calls."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(2, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor([[0, 0.3, 0.2, 4.1, 3.9], [1, -1.0, 1.0, 2.0, 7.0], [0, 2.2, 1.1, 5.6, 4.3],
@@ -222,10 +224,11 @@ def test_roi_align_gradcheck_and_gradgradcheck(sampling_ratio, aligned):
     def pool(t):
         return mo.roi_align(t, rois, (2, 3), 1.0, sampling_ratio, aligned)
 
-    assert torch.autograd.gradcheck(pool, (x,))
-    assert torch.autograd.gradgradcheck(pool, (x,))
+    fast = sampling_ratio <= 0
+    assert torch.autograd.gradcheck(pool, (x,), fast_mode=fast)
+    assert torch.autograd.gradgradcheck(pool, (x,), fast_mode=fast)
     x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_()  # the table is a view of it
-    assert torch.autograd.gradgradcheck(pool, (x_cl,))
+    assert torch.autograd.gradgradcheck(pool, (x_cl,), fast_mode=True)
 
 
 def test_multiscale_gradgradcheck():
