@@ -26,6 +26,11 @@ The "gpu" form (`impl`, see ops/forms.py; the default on GPUs) sends the same ta
 `F.embedding_bag` in "sum" mode with a bag of taps per bin: a fused gather and weighted sum, in the GPU's own
 order (as torchvision's CUDA kernel is not bitwise its CPU kernel). The plain math is
 `minseg.ops.reference.roi_align`.
+
+Backward (`_RoIAlignFunction`): torchvision's kernel, tap by tap: each tap adds grad(bin) * w / count to its
+pixel, RoIs, bins, samples and taps in the forward's order (one `index_add_` per step, which adds rows in
+order), so the CPU gradient is bitwise torchvision's. None flows into the boxes, as in torchvision. The
+backward uses only differentiable tensor ops, so it has a backward of its own (double backward).
 """
 from __future__ import annotations
 
