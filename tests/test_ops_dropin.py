@@ -130,7 +130,6 @@ MALFORMED = {
     "nms empty Tensor[0, 5]": lambda o: o.nms(torch.rand(0, 5), torch.rand(0), 0.5),
     "nms scores 2-d": lambda o: o.nms(torch.rand(3, 4), torch.rand(3, 2), 0.5),
     "nms 3 boxes, 4 scores": lambda o: o.nms(torch.rand(3, 4), torch.rand(4), 0.5),
-    "nms scores float64": lambda o: o.nms(torch.rand(3, 4), torch.rand(3).double(), 0.5),
     "nms boxes int64": lambda o: o.nms(torch.ones(3, 4, dtype=torch.int64), torch.rand(3), 0.5),
     "batched_nms boxes Tensor[N, 5]": lambda o: o.batched_nms(torch.rand(3, 5), torch.rand(3), torch.zeros(3), 0.5),
     "batched_nms 3 boxes, 4 scores": lambda o: o.batched_nms(torch.rand(3, 4), torch.rand(4), torch.zeros(3), 0.5),

@@ -201,9 +201,8 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
     if boxes.size(0) != scores.size(0):
         raise RuntimeError("boxes and scores should have same number of elements in dimension 0, "
                            f"got {boxes.size(0)} and {scores.size(0)}")
-    if boxes.dtype != scores.dtype or not boxes.is_floating_point():
-        raise RuntimeError(f"boxes and scores should be floating point tensors of one type, got {boxes.dtype} and "
-                           f"{scores.dtype}")
+    if not boxes.is_floating_point():  # kept: unlike torchvision, mixed float types (autocast) are accepted
+        raise RuntimeError(f"boxes should be a floating point tensor, got {boxes.dtype}")
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
