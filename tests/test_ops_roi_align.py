@@ -202,7 +202,7 @@ def test_multiscale_torchvision_rule_matches_torchvision():
     boxes = [_fpn_boxes(g, 80), _fpn_boxes(g, 50)]
     names = ["0", "1", "2", "3"]
     tv = tvo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, [(256, 320), (250, 300)])
-    ours = mo.MultiScaleRoIAlign(7, 2)(feats, boxes, [(256, 320), (250, 300)])
+    ours = mo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, [(256, 320), (250, 300)])
     assert_bitwise(ours, tv)
 
 
@@ -212,7 +212,9 @@ def test_multiscale_detectron2_rule_matches_per_level_pooling():
     feats = _fpn_features(g)
     boxes = [_fpn_boxes(g, 60), _fpn_boxes(g, 40)]
     scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
-    ours = mo.MultiScaleRoIAlign(14, 0, aligned=True, level_rule="detectron2", scales=scales)(feats, boxes)
+    names = ["p2", "p3", "p4", "p5"]
+    pooler = mo.MultiScaleRoIAlign(names, 14, 0, aligned=True, level_rule=mo.assign_levels_detectron2, scales=scales)
+    ours = pooler(dict(zip(names, feats)), boxes, [])
     rois = mo.boxes_to_rois(boxes)
     levels = mo.assign_levels_detectron2(rois[:, 1:], 2, 5)
     expected = torch.zeros_like(ours)
@@ -232,12 +234,13 @@ def test_multiscale_boxes_of_negative_area_like_the_originals():
     names = ["0", "1", "2", "3"]
     sizes = [(256, 320), (250, 300)]
     tv = tvo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, sizes)
-    assert_bitwise(mo.MultiScaleRoIAlign(7, 2)(feats, boxes, sizes), tv)
+    assert_bitwise(mo.MultiScaleRoIAlign(names, 7, 2)(dict(zip(names, feats)), boxes, sizes), tv)
     assert tv[9:11].abs().sum() == 0 and tv[11:].abs().sum() > 0
-    ours = mo.MultiScaleRoIAlign(7, 0, aligned=True, level_rule="detectron2", scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
-    assert ours(feats, boxes)[9:11].abs().sum() == 0
+    ours = mo.MultiScaleRoIAlign(names, 7, 0, aligned=True, level_rule=mo.assign_levels_detectron2,
+                                 scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    assert ours(dict(zip(names, feats)), boxes, sizes)[9:11].abs().sum() == 0
     single = tvo.MultiScaleRoIAlign(["0"], 7, 2)({"0": feats[0]}, boxes, sizes)
-    assert_bitwise(mo.MultiScaleRoIAlign(7, 2)(feats[:1], boxes, sizes), single)
+    assert_bitwise(mo.MultiScaleRoIAlign(["0"], 7, 2)({"0": feats[0]}, boxes, sizes), single)
 
 
 def gpu_inputs(seed: int = 5):
@@ -284,14 +287,12 @@ def test_multiscale_single_level_channels_last_and_errors():
     feat = torch.randn(2, 8, 32, 40, generator=g)
     boxes = [_fpn_boxes(g, 20, image=(128, 160)), _fpn_boxes(g, 10, image=(128, 160))]
     tv = tvo.MultiScaleRoIAlign(["p"], 5, 2)({"p": feat}, boxes, [(128, 160), (128, 160)])
-    pooler = mo.MultiScaleRoIAlign(5, 2)
-    assert_bitwise(pooler([feat], boxes, [(128, 160), (128, 160)]), tv)
+    pooler = mo.MultiScaleRoIAlign(["p"], 5, 2)
+    assert_bitwise(pooler({"p": feat}, boxes, [(128, 160), (128, 160)]), tv)
     cl = feat.to(memory_format=torch.channels_last)  # already a channels-last table: no copy, same result
-    assert_bitwise(pooler([cl], boxes, [(128, 160), (128, 160)]), tv)
-    with pytest.raises(ValueError, match="image_sizes"):
-        pooler([feat], boxes)
-    with pytest.raises(ValueError, match="level_rule"):
-        mo.MultiScaleRoIAlign(5, 2, level_rule="fpn")
+    assert_bitwise(pooler({"p": cl}, boxes, [(128, 160), (128, 160)]), tv)
+    with pytest.raises(ValueError, match="images list should not be empty"):  # torchvision's error
+        pooler({"p": feat}, boxes, [])
 
 
 @cuda
@@ -301,12 +302,13 @@ def test_multiscale_pooling_cuda_without_sync():
     g = torch.Generator().manual_seed(7)
     feats = [torch.randn(2, 8, 64 // 2**i, 80 // 2**i, generator=g).cuda() for i in range(4)]
     boxes = [_fpn_boxes(g, 30, image=(256, 320)).cuda(), _fpn_boxes(g, 12, image=(256, 320)).cuda()]
-    pooler = mo.MultiScaleRoIAlign(7, 2, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    names = ["p2", "p3", "p4", "p5"]
+    pooler = mo.MultiScaleRoIAlign(names, 7, 2, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = pooler(feats, boxes)
+        out = pooler(dict(zip(names, feats)), boxes, [])
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    expected = pooler([f.cpu() for f in feats], [b.cpu() for b in boxes])
+    expected = pooler({k: f.cpu() for k, f in zip(names, feats)}, [b.cpu() for b in boxes], [])
     torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-6)

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from minseg.heads.matching import BalancedSampler, Matcher
 from minseg.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 from minseg.ops.layers import make_norm
-from minseg.ops.poolers import MultiScaleRoIAlign
-from minseg.ops.roi_align import feature_table, roi_align
+from minseg.ops.poolers import MultiScaleRoIAlign, shared_feature_tables
+from minseg.ops.roi_align import roi_align
 
 
 @dataclass(frozen=True)
@@ -147,13 +147,12 @@ class RoIHeads(nn.Module):
         self.box_predictor = BoxPredictor(cfg)
         self.mask_head = MaskHead(cfg)
 
+    @shared_feature_tables()  # the two poolers read one channels-last copy of the pyramid
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        feats = [features[k] for k in self.cfg.in_features]
         counts = [len(p) for p in proposals]
-        table = feature_table(feats)  # one channels-last copy of the pyramid, read by both poolers
         # 1. box head on every proposal, then per image selection
-        x = self.box_head(self.box_pooler(feats, proposals, image_sizes, table))   # (R, fc_dim)
+        x = self.box_head(self.box_pooler(features, proposals, image_sizes))       # (R, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
         boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))             # (R, B*4)
         probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
@@ -161,8 +160,7 @@ class RoIHeads(nn.Module):
                       zip(boxes.split(counts), probs.split(counts), image_sizes)]
         # 2. mask head at the detected boxes; keep the channel of each box's class
         mask_boxes = [d["boxes"] for d in detections]
-        pooled = self.mask_pooler(feats, mask_boxes, image_sizes, table)             # (K, C, 14, 14)
-        del table  # as large as the pooled pyramid levels together; not needed past the poolers
+        pooled = self.mask_pooler(features, mask_boxes, image_sizes)                # (K, C, 14, 14)
         mask_logits = self.mask_head(pooled)
         labels = torch.cat([d["labels"] for d in detections])
         index = torch.arange(len(labels), device=labels.device)
@@ -194,6 +192,7 @@ class RoIHeads(nn.Module):
         keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
+    @shared_feature_tables()  # the two poolers read one channels-last copy of the pyramid
     def forward_train(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of the box and mask heads (torchvision roi_heads.py, training branch).
@@ -204,7 +203,6 @@ class RoIHeads(nn.Module):
         """
         if self.cfg.background != "first":
             raise NotImplementedError("training is torchvision's (background first)")
-        feats = [features[k] for k in self.cfg.in_features]
         # 1. per image: the gt boxes join the proposals; match, sample, label
         boxes, labels, matches = [], [], []
         for props, t in zip(proposals, targets):
@@ -219,8 +217,7 @@ class RoIHeads(nn.Module):
             labels.append(label[keep])
             matches.append(match[keep])
         # 2. box head on the sampled proposals
-        table = feature_table(feats)  # one copy of the pyramid, read by both poolers
-        x = self.box_head(self.box_pooler(feats, boxes, image_sizes, table))                # (S, fc_dim)
+        x = self.box_head(self.box_pooler(features, boxes, image_sizes))             # (S, fc_dim)
         class_logits, box_deltas = self.box_predictor(x)
         pos = [torch.where(lab > 0)[0] for lab in labels]
         mask_boxes = [b[p] for b, p in zip(boxes, pos)]                              # the positives' boxes
@@ -228,7 +225,7 @@ class RoIHeads(nn.Module):
         targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))      # (P, 4)
         loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
         # 3. mask head on the positives, against the gt masks cropped to them
-        mask_logits = self.mask_head(self.mask_pooler(feats, mask_boxes, image_sizes, table))  # (M, K+1, 28, 28)
+        mask_logits = self.mask_head(self.mask_pooler(features, mask_boxes, image_sizes))  # (M, K+1, 28, 28)
         mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1])
                         for t, b, m, p in zip(targets, mask_boxes, matches, pos)]
         mask_labels = torch.cat([lab[p] for lab, p in zip(labels, pos)])

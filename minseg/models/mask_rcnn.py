@@ -262,7 +262,8 @@ def mask_rcnn(cfg: MaskRCNNConfig) -> MaskRCNN:
         RoIHeadsConfig(num_classes=cfg.num_classes - 1, box_convs=cfg.box_convs, box_fcs=cfg.box_fcs, norm=head_norm,
                        norm_eps=cfg.norm_eps, score_thresh=cfg.box_score_thresh, nms_thresh=cfg.box_nms_thresh,
                        detections_per_img=cfg.box_detections_per_img),
-        MultiScaleRoIAlign(7, 2), MultiScaleRoIAlign(14, 2),  # torchvision's level rule, scales from the sizes
+        MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 7, 2),  # torchvision's level rule, scales from the sizes
+        MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], 14, 2),
         BoxCoder(cfg.bbox_reg_weights or (10.0, 10.0, 5.0, 5.0)))
     trainable = cfg.trainable_backbone_layers
     if trainable is None:  # torchvision: 3 when starting from trained weights, else all 5

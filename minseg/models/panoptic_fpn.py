@@ -33,7 +33,7 @@ from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
 from minseg.ops.box_coders import Box2BoxTransform
 from minseg.ops.masks import paste_masks_detectron2
-from minseg.ops.poolers import MultiScaleRoIAlign
+from minseg.ops.poolers import MultiScaleRoIAlign, assign_levels_detectron2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,8 +197,9 @@ def detectron2_roi_heads(num_classes: int) -> RoIHeads:
     cfg = RoIHeadsConfig(num_classes=num_classes, background="last",
                          min_size=None, drop_nonfinite=True)                     # no small-box removal
     # ROIAlignV2 (aligned, adaptive sampling) at fixed scales, detectron2's level rule
-    pool = dict(aligned=True, level_rule="detectron2", scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
-    return RoIHeads(cfg, MultiScaleRoIAlign(7, 0, **pool), MultiScaleRoIAlign(14, 0, **pool),
+    pool = dict(aligned=True, level_rule=assign_levels_detectron2, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
+    levels = ["p2", "p3", "p4", "p5"]
+    return RoIHeads(cfg, MultiScaleRoIAlign(levels, 7, 0, **pool), MultiScaleRoIAlign(levels, 14, 0, **pool),
                     Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
 
 

@@ -27,29 +27,50 @@ def _upcast(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.int32, torch.int64) else t.int()
 
 
-def box_area(boxes: Tensor) -> Tensor:
-    """Tensor[..., 4] xyxy -> Tensor[...] areas (x2 - x1) * (y2 - y1)."""
+BOX_FORMATS = ("xyxy", "xywh", "cxcywh")  # torchvision's box_convert names: corners, corner + size, centre + size
+
+
+def box_area(boxes: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Tensor[..., 4] -> Tensor[...] areas: (x2 - x1) * (y2 - y1) for "xyxy", w * h for "xywh" and "cxcywh"."""
+    if fmt not in BOX_FORMATS:
+        raise ValueError(f"Unsupported Bounding Box area for given format {fmt}")
     boxes = _upcast(boxes)
-    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    if fmt == "xyxy":
+        return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+    return boxes[..., 2] * boxes[..., 3]
 
 
-def _inter_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    lt = torch.max(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., N, M, 2)
-    rb = torch.min(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # (..., N, M, 2)
+def _corners(boxes: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """Tensor[..., 4] in `fmt` -> top-left and bottom-right Tensor[..., 2], in torchvision's float order."""
+    if fmt == "xyxy":
+        return boxes[..., :2], boxes[..., 2:]
+    if fmt == "xywh":
+        return boxes[..., :2], boxes[..., :2] + boxes[..., 2:]
+    return boxes[..., :2] - boxes[..., 2:] / 2, boxes[..., :2] + boxes[..., 2:] / 2  # cxcywh
+
+
+def _inter_union(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> tuple[Tensor, Tensor]:
+    area1 = box_area(boxes1, fmt)
+    area2 = box_area(boxes2, fmt)
+    lt1, rb1 = _corners(boxes1[..., :, None, :], fmt)  # (..., N, 1, 2)
+    lt2, rb2 = _corners(boxes2[..., None, :, :], fmt)  # (..., 1, M, 2)
+    lt = torch.max(lt1, lt2)  # (..., N, M, 2)
+    rb = torch.min(rb1, rb2)  # (..., N, M, 2)
     wh = _upcast(rb - lt).clamp(min=0)  # (..., N, M, 2)
     inter = wh[..., 0] * wh[..., 1]  # (..., N, M)
     union = area1[..., :, None] + area2[..., None, :] - inter
     return inter, union
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise IoU: Tensor[..., N, 4], Tensor[..., M, 4] xyxy -> Tensor[..., N, M].
+def box_iou(boxes1: Tensor, boxes2: Tensor, fmt: str = "xyxy") -> Tensor:
+    """Pairwise IoU: Tensor[..., N, 4], Tensor[..., M, 4] in `fmt` ("xyxy", "xywh" or "cxcywh") -> Tensor[..., N, M].
 
-    Two empty boxes give 0/0 = NaN, as in torchvision.
+    Two empty boxes give 0/0 = NaN, as in torchvision. Rotated formats (torchvision's "cxcywhr", "xywhr",
+    "xyxyxyxy") are not supported: ValueError.
     """
-    inter, union = _inter_union(boxes1, boxes2)
+    if fmt not in BOX_FORMATS:
+        raise ValueError(f"Unsupported format '{fmt}'. Supported formats: {BOX_FORMATS}.")
+    inter, union = _inter_union(boxes1, boxes2, fmt)
     return inter / union
 
 
@@ -169,6 +190,21 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
     return keep
 
 
+def _check_nms_inputs(boxes: Tensor, scores: Tensor) -> None:
+    """torchvision's nms_kernel checks, with its exception type (RuntimeError)."""
+    if boxes.dim() != 2:
+        raise RuntimeError(f"boxes should be a 2d tensor, got {boxes.dim()}D")
+    if boxes.size(1) != 4:
+        raise RuntimeError(f"boxes should have 4 elements in dimension 1, got {boxes.size(1)}")
+    if scores.dim() != 1:
+        raise RuntimeError(f"scores should be a 1d tensor, got {scores.dim()}D")
+    if boxes.size(0) != scores.size(0):
+        raise RuntimeError("boxes and scores should have same number of elements in dimension 0, "
+                           f"got {boxes.size(0)} and {scores.size(0)}")
+    if not boxes.is_floating_point():  # kept: unlike torchvision, mixed float types (autocast) are accepted
+        raise RuntimeError(f"boxes should be a floating point tensor, got {boxes.dtype}")
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
     """Greedy non-maximum suppression, identical to torchvision.ops.nms and to `minseg.ops.reference.nms`.
 
@@ -176,7 +212,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "aut
     is > iou_threshold. Returns Tensor[K] int64 indices of kept boxes, by decreasing score. float16/bfloat16
     boxes are compared in float32 (torchvision's CPU kernel does not accept them).
     impl: "auto", "cpu", "gpu" (`_greedy_keep`'s block sizes; the same result) or "reference".
+    Malformed arguments raise RuntimeError, as torchvision's kernel.
     """
+    _check_nms_inputs(boxes, scores)
     form = forms.choose(impl, boxes)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
@@ -221,6 +259,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     form = forms.choose(impl, boxes)
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    _check_nms_inputs(boxes, scores)  # after the empty case, as torchvision's
     if form == "reference":
         return reference.batched_nms(_upcast(boxes), scores, idxs, iou_threshold).to(boxes.device)
     if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):

@@ -26,6 +26,11 @@ The "gpu" form (`impl`, see ops/forms.py; the default on GPUs) sends the same ta
 `F.embedding_bag` in "sum" mode with a bag of taps per bin: a fused gather and weighted sum, in the GPU's own
 order (as torchvision's CUDA kernel is not bitwise its CPU kernel). The plain math is
 `minseg.ops.reference.roi_align`.
+
+Backward (`_RoIAlignFunction`): torchvision's kernel, tap by tap: each tap adds grad(bin) * w / count to its
+pixel, RoIs, bins, samples and taps in the forward's order (one `index_add_` per step, which adds rows in
+order), so the CPU gradient is bitwise torchvision's. None flows into the boxes, as in torchvision. The
+backward uses only differentiable tensor ops, so it has a backward of its own (double backward).
 """
 from __future__ import annotations
 
@@ -78,18 +83,21 @@ def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, T
     return lo, hi, w_lo, w_hi, valid
 
 
-def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...], x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
-    """Per-axis taps of samples (broadcast together) -> table rows and weights Tensor[..., 4] in w1..w4 order.
+def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...],
+                 x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-axis taps of samples (broadcast together) -> table rows and weights Tensor[..., 4] in w1..w4 order,
+    and which samples are valid, Bool Tensor[...].
 
     y, x: `_bilinear_taps` results; base, width: broadcastable int64. (w1, w2, w3, w4) = (hy*hx, hy*lx, ly*hx,
     ly*lx) at (lo, lo), (lo, hi), (hi, lo), (hi, hi); a sample invalid on either axis reads pixel (0, 0).
     """
     ylo, yhi, wylo, wyhi, yvalid = y
     xlo, xhi, wxlo, wxhi, xvalid = x
+    valid = yvalid & xvalid
     rows = torch.stack((ylo, ylo, yhi, yhi), dim=-1) * width[..., None] + torch.stack((xlo, xhi, xlo, xhi), dim=-1)
-    idx = base[..., None] + torch.where((yvalid & xvalid)[..., None], rows, 0)  # (..., 4)
+    idx = base[..., None] + torch.where(valid[..., None], rows, 0)  # (..., 4)
     wts = torch.stack((wylo, wylo, wyhi, wyhi), dim=-1) * torch.stack((wxlo, wxhi, wxlo, wxhi), dim=-1)
-    return idx, wts
+    return idx, wts, valid
 
 
 def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> Tensor:
@@ -134,8 +142,10 @@ def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tens
 
 
 def _fixed_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor, P: tuple[int, int],
-                g: int, aligned: bool) -> tuple[Tensor, Tensor]:
-    """Table rows and weights of every tap: Tensor[K, Ph, Pw, g, g, 4] each, in (RoI, bin, sample, tap) order."""
+                g: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Fixed g x g samples per bin: table rows and weights Tensor[K, Ph, Pw, g*g, 4] of every tap, and valid
+    Bool Tensor[K, Ph, Pw, g*g], in the kernel's order (RoI, bin row, bin column, sample row, sample column)."""
+    K = rois.shape[0]
     Ph, Pw = P
     y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
     dtype, device = y1.dtype, y1.device
@@ -147,50 +157,20 @@ def _fixed_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale
                     torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
     ty = [t[:, :, None, :, None] for t in _bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
     tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
-    return _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
-
-
-class _PoolFixedCPU(torch.autograd.Function):
-    """The CPU form with fixed sampling and torchvision's CPU backward (roi_align_kernel.cpp
-    roi_align_backward_kernel_impl): every tap of every sample adds (grad of its bin * w) / g^2 to its pixel,
-    in (RoI, bin, sample, tap) order, so gradients are bitwise torchvision's. Autograd through the forward's
-    sums would add the same terms in another order (equal to float32 rounding)."""
-
-    @staticmethod
-    def forward(ctx, table, rois, base, height, width, scale, P, g, aligned):
-        ctx.save_for_backward(rois, base, height, width, scale)
-        ctx.P, ctx.g, ctx.aligned, ctx.rows = P, g, aligned, table.shape[0]
-        return _pool(table, rois, base, height, width, scale, P, g, aligned, fused=False)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (K, C, Ph, Pw)
-        rois, base, height, width, scale = ctx.saved_tensors
-        (Ph, Pw), g = ctx.P, ctx.g
-        K, C = grad.shape[:2]
-        bins = grad.permute(0, 2, 3, 1)[:, :, :, None, None, None, :]                # (K, Ph, Pw, 1, 1, 1, C)
-        count = device_scalar(max(g * g, 1), grad)
-        grad_table = grad.new_zeros((ctx.rows, C))
-        step = max(1, _MAX_VALUES // (Ph * Pw * g * g * 4 * max(C, 1)))
-        for s in range(0, K, step):  # RoIs in order; index_add_ adds its rows one after another
-            e = s + step
-            idx, wts = _fixed_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], ctx.P, g, ctx.aligned)
-            terms = (bins[s:e] * wts[..., None]) / count                              # (k, Ph, Pw, g, g, 4, C)
-            grad_table.index_add_(0, idx.reshape(-1), terms.reshape(-1, C))
-        return grad_table, None, None, None, None, None, None, None, None
+    idx, wts, valid = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
+    return idx.reshape(K, Ph, Pw, g * g, 4), wts.reshape(K, Ph, Pw, g * g, 4), valid.reshape(K, Ph, Pw, g * g)
 
 
 def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
                 P: tuple[int, int], g: int, aligned: bool, fused: bool) -> Tensor:
     """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
-    K = rois.shape[0]
-    Ph, Pw = P
-    idx, wts = _fixed_taps(rois, base, height, width, scale, P, g, aligned)
-    M, G, C = K * Ph * Pw, g * g, table.shape[1]
+    idx, wts, _ = _fixed_taps(rois, base, height, width, scale, P, g, aligned)  # (K, Ph, Pw, G, 4)
+    M, G, C = rois.shape[0] * P[0] * P[1], g * g, table.shape[1]
     if fused:  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
         return sums.div_(device_scalar(max(G, 1), sums))
-    idx = idx.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
-    wts = wts.permute(5, 3, 4, 0, 1, 2).reshape(4, G, M)
+    idx = idx.permute(4, 3, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
+    wts = wts.permute(4, 3, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
     sums = table.new_empty((M, C))  # filled group by group: a group's sums are a view into its products
     for b in range(0, M, B):
@@ -214,12 +194,12 @@ def _adaptive_grid(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: boo
     return torch.ceil(bin_h).long().clamp(min=0), torch.ceil(bin_w).long().clamp(min=0)
 
 
-def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-                   P: tuple[int, int], aligned: bool, grid: tuple[Tensor, Tensor],
-                   grid_host: tuple[list[int], list[int]], fused: bool) -> Tensor:
-    """Per-RoI grid ceil(roi_size / P) per axis (`_adaptive_grid`, on the device and read to the host: the
-    shapes below depend on it). Returns Tensor[K*Ph*Pw, C] bin sums divided by the count."""
-    K = rois.shape[0]
+def _adaptive_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor, P: tuple[int, int],
+                   aligned: bool, grid: tuple[Tensor, Tensor],
+                   grid_host: tuple[list[int], list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Per-RoI grid (gh, gw) = ceil(roi_size / P) per axis (`_adaptive_grid`, on the device and on the host: the
+    shapes depend on it). Every sample (k, ph, pw, iy, ix) in the kernel's order: table rows and weights
+    Tensor[S, 4], valid Bool Tensor[S], its bin k*Ph*Pw + ph*Pw + pw and its slot iy*gw + ix, Tensor[S] int64."""
     Ph, Pw = P
     y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
     (gh, gw), (gh_host, gw_host) = grid, grid_host
@@ -246,7 +226,20 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     pw, ph = rest % Pw, torch.div(rest, Pw, rounding_mode="floor")
     yi = (torch.cumsum(ny, 0) - ny)[k] + ph * g_h + iy
     xi = (torch.cumsum(nx, 0) - nx)[k] + pw * g_w + ix
-    idx, wts = _sample_taps(base[k], width[k], [t[yi] for t in ty], [t[xi] for t in tx])  # (S, 4)
+    idx, wts, valid = _sample_taps(base[k], width[k], [t[yi] for t in ty], [t[xi] for t in tx])  # (S, 4)
+    return idx, wts, valid, k * (Ph * Pw) + ph * Pw + pw, iy * g_w + ix
+
+
+def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                   P: tuple[int, int], aligned: bool, grid: tuple[Tensor, Tensor],
+                   grid_host: tuple[list[int], list[int]], fused: bool) -> Tensor:
+    """Per-RoI grid ceil(roi_size / P) per axis (`_adaptive_taps`). Returns Tensor[K*Ph*Pw, C] bin sums divided
+    by the count."""
+    K = rois.shape[0]
+    Ph, Pw = P
+    gh, gw = grid
+    n_host = [a * b for a, b in zip(*grid_host)]  # samples per bin of each RoI
+    idx, wts, _, bin_of, slot = _adaptive_taps(rois, base, height, width, scale, P, aligned, grid, grid_host)
     # bins sorted by sample count, descending, then cut into groups whose products stay in cache; within a
     # group samples go slot-major (slot j of every bin that has one, then slot j + 1), so the bins with a
     # slot j are a prefix of the group
@@ -271,9 +264,9 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
         used += 4 * c * C
     if not n_bins:  # every RoI empty: all bins 0
         return table.new_zeros((M, C))
-    b = rank[k * PP + ph * Pw + pw]  # each sample's bin, in sorted order
+    b = rank[bin_of]  # each sample's bin, in sorted order
     group = torch.tensor(group_of, device=n.device)[b]
-    slot_major = torch.argsort((group * n_bins[0] + iy * g_w + ix) * M + b)
+    slot_major = torch.argsort((group * n_bins[0] + slot) * M + b)
     idx, wts = idx[slot_major].t(), wts[slot_major].t()  # (4, S)
     sums, start, row = table.new_empty((len(n_bins), C)), 0, 0  # filled group by group, as in _pool_fixed
     for counts in groups:
@@ -311,8 +304,6 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     if K * C * Ph * Pw == 0:  # nothing to pool
         return table.new_zeros((K, C, Ph, Pw))
     max_entries = _MAX_ENTRIES_GPU if fused else _MAX_ENTRIES
-    if sampling_ratio > 0 and not fused and table.requires_grad and torch.is_grad_enabled():
-        return _PoolFixedCPU.apply(table, rois, base, height, width, scale, P, sampling_ratio, aligned)
     if sampling_ratio > 0:
         step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
@@ -327,6 +318,99 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
 
 
+def _add_taps(grad_table: Tensor, grad_bins: Tensor, idx: Tensor, wts: Tensor, valid: Tensor, bins: Tensor,
+              count: Tensor) -> None:
+    """grad_table[idx[t]] += grad_bins[bins[t]] * wts[t] / count[bins[t]] for every tap t, in order (in place).
+
+    idx, wts, valid, bins: Tensor[T] per tap; count: Tensor[M] samples per bin. One rounding for the product and
+    one for the division, as torchvision's `grad_output_this_bin * w1 / count`; invalid samples add nothing (the
+    kernel skips them). index_add_ on the CPU adds its rows one after the other, so each element of the table
+    receives its terms in tap order. Steps of _MAX_VALUES // C taps bound the Tensor[T, C] of terms.
+    """
+    step = max(1, _MAX_VALUES // max(1, grad_bins.shape[1]))
+    for s in range(0, idx.numel(), step):
+        b = bins[s:s + step]
+        terms = grad_bins[b] * wts[s:s + step, None] / count[b, None]  # (T, C)
+        grad_table.index_add_(0, idx[s:s + step], torch.where(valid[s:s + step, None], terms, 0.0))
+
+
+def _pool_grad(grad: Tensor, rows: int, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+               P: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
+    """The gradient of `_pool` with respect to its table: grad Tensor[K, C, Ph, Pw] -> Tensor[rows, C].
+
+    torchvision's roi_align_backward_kernel_impl (cpu/roi_align_kernel.cpp): every tap of every sample adds
+    grad(bin) * w / count to its pixel, visiting RoIs, bins, samples and taps in the forward's order. Written in
+    differentiable tensor ops only (gather, product, division, index_add_), so this backward has a backward:
+    roi_align is twice differentiable. It is linear in `grad` and does not read the features.
+    """
+    K, C, Ph, Pw = grad.shape
+    PP, device = Ph * Pw, grad.device
+    grad_table = grad.new_zeros((rows, C))
+    if grad.numel() == 0:
+        return grad_table
+    grad_bins = grad.permute(0, 2, 3, 1).reshape(K * PP, C)  # (K*Ph*Pw, C): bin (k, ph, pw) per row
+    if sampling_ratio > 0:
+        G = sampling_ratio**2
+        step = max(1, _MAX_ENTRIES // (PP * 4 * G))
+        count = torch.full((K * PP,), G, dtype=grad.dtype, device=device)
+        for s in range(0, K, step):
+            e = min(K, s + step)
+            idx, wts, valid = _fixed_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P,
+                                          sampling_ratio, aligned)  # (k, Ph, Pw, G, 4)
+            bins = torch.arange(s * PP, e * PP, device=device).repeat_interleave(4 * G)
+            _add_taps(grad_table, grad_bins, idx.reshape(-1), wts.reshape(-1),
+                      valid[..., None].expand(idx.shape).reshape(-1), bins, count)
+    else:
+        gh, gw = _adaptive_grid(rois, scale, P, aligned)
+        gh_host, gw_host = torch.stack((gh, gw)).tolist()
+        count = (gh * gw).repeat_interleave(PP).clamp(min=1).to(grad.dtype)  # (K*Ph*Pw,)
+        for s, e in _adaptive_chunks(gh_host, gw_host, P, _MAX_ENTRIES):
+            idx, wts, valid, bin_of, _ = _adaptive_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P,
+                                                        aligned, (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
+            _add_taps(grad_table, grad_bins, idx.reshape(-1), wts.reshape(-1), valid.repeat_interleave(4),
+                      (bin_of + s * PP).repeat_interleave(4), count)
+    return grad_table
+
+
+class _RoIAlignFunction(torch.autograd.Function):
+    """`_pool` with torchvision's gradient: to the table only (none to the RoIs, as torchvision's kernel), and
+    a backward built from differentiable ops (`_pool_grad`), so double backward works."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                P: tuple[int, int], sampling_ratio: int, aligned: bool, fused: bool) -> Tensor:
+        ctx.save_for_backward(rois, base, height, width, scale)
+        ctx.rows, ctx.params = table.shape[0], (P, sampling_ratio, aligned)
+        return _pool(table, rois, base, height, width, scale, P, sampling_ratio, aligned, fused)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_table = None
+        if ctx.needs_input_grad[0]:
+            grad_table = _pool_grad(grad, ctx.rows, *ctx.saved_tensors, *ctx.params)
+        return grad_table, None, None, None, None, None, None, None, None, None
+
+
+def roi_align_table(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                    output_size: int | tuple[int, int], sampling_ratio: int, aligned: bool, *,
+                    impl: str = "auto") -> Tensor:
+    """RoIAlign where each RoI reads its own feature map out of one channels-last table of pixel rows: how the
+    multi-scale pooler (ops/poolers.py) pools all pyramid levels in one pass. Per RoI the result is
+    `roi_align` on that RoI's map, bitwise.
+
+    table: Tensor[R, C] float32/float64 (`feature_table`); rois: Tensor[K, 5] (batch index, x1, y1, x2, y2) in
+    image coordinates, of the table's dtype; base: Tensor[K] int64, the table row of pixel (0, 0) of the RoI's
+    map (its image included); height, width: Tensor[K] int64, that map's size; scale: Tensor[K], its spatial
+    scale. impl: "auto", "cpu" or "gpu", as roi_align's. Returns Tensor[K, C, Ph, Pw].
+    Differentiable with respect to `table` (torchvision's backward, twice differentiable), not the RoIs.
+    """
+    form = forms.choose(impl, table)
+    if form == "reference":
+        raise ValueError("roi_align_table has no reference form; use roi_align(impl='reference') per map")
+    return _RoIAlignFunction.apply(table, rois, base, height, width, scale, _pair(output_size), sampling_ratio,
+                                   aligned, form == "gpu")
+
+
 def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
     """Feature maps Tensor[N, C, H_l, W_l] -> one channels-last table Tensor[sum_l N*H_l*W_l, C] of pixel rows.
 
@@ -335,8 +419,6 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     channels-last map of the table's dtype is already a table, and is used as it is.
     """
     dtype = dtype or _compute_dtype(features[0].dtype)
-    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
-        return _FeatureTable.apply(dtype, *features)
     C = features[0].shape[1]
     first = features[0]
     if len(features) == 1 and first.dtype == dtype and first.is_contiguous(memory_format=torch.channels_last):
@@ -351,29 +433,21 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     return table
 
 
-class _FeatureTable(torch.autograd.Function):
-    """feature_table with gradients handed back to each level as a contiguous Tensor[N, C, H, W] (autograd
-    through the copy would hand back channels-last views of the table's gradient; a norm's backward then reduces
-    in another order than the originals', whose RoIAlign returns contiguous gradients)."""
-
-    @staticmethod
-    def forward(ctx, dtype, *features):
-        ctx.shapes, ctx.dtypes = [f.shape for f in features], [f.dtype for f in features]
-        with torch.no_grad():
-            return feature_table(list(features), dtype)
-
-    @staticmethod
-    def backward(ctx, grad):  # grad: (R, C)
-        grads, start = [], 0
-        for (N, C, H, W), dtype in zip(ctx.shapes, ctx.dtypes):
-            rows = grad[start:start + N * H * W].view(N, H, W, C)
-            grads.append(rows.permute(0, 3, 1, 2).contiguous().to(dtype))              # (N, C, H, W)
-            start += N * H * W
-        return (None, *grads)
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def check_boxes(boxes: Tensor | list[Tensor]) -> None:
+    """torchvision's check_roi_boxes_shape, with its exception type (AssertionError)."""
+    if isinstance(boxes, (list, tuple)):
+        for b in boxes:
+            if b.size(1) != 4:
+                raise AssertionError("The shape of the tensor in the boxes list is not correct as List[Tensor[L, 4]]")
+    elif isinstance(boxes, Tensor):
+        if boxes.size(1) != 5:
+            raise AssertionError("The boxes tensor shape is not correct as Tensor[K, 5]")
+    else:
+        raise AssertionError("boxes is expected to be a Tensor[L, 5] or a List[Tensor[K, 4]]")
 
 
 def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tuple[int, int],
@@ -382,29 +456,36 @@ def roi_align(input: Tensor, boxes: Tensor | list[Tensor], output_size: int | tu
     """RoIAlign, a drop-in for torchvision.ops.roi_align.
 
     input: Tensor[N, C, H, W]; boxes: Tensor[K, 5] (batch index, x1, y1, x2, y2) or a list of N Tensor[L_i, 4],
-    in image coordinates that `spatial_scale` maps onto the feature map. Returns Tensor[K, C, Ph, Pw].
-    float16/bfloat16 inputs are computed in float32 and rounded once at the end (torchvision's CPU kernel
-    rounds every step in half precision).
+    in image coordinates that `spatial_scale` maps onto the feature map, of the input's dtype. Returns
+    Tensor[K, C, Ph, Pw]. float16/bfloat16 inputs are computed in float32 and rounded once at the end
+    (torchvision's CPU kernel rounds every step in half precision).
     impl: "auto", "cpu", "gpu" or "reference" (ops/forms.py). The "cpu" form is bitwise equal to
     `minseg.ops.reference.roi_align` and to torchvision's CPU kernel; the "gpu" form equals them to float32
     rounding.
+    Gradients, as torchvision's: to `input` only (bitwise torchvision's CPU backward in the "cpu" form; a
+    model that does not detach its boxes trains the same), and twice differentiable (torchvision's kernel is
+    not). Malformed arguments raise torchvision's exception types.
     """
+    check_boxes(boxes)
+    rois = boxes_to_rois(boxes)
+    if input.dim() != 4 or not input.is_floating_point():
+        raise RuntimeError(f"roi_align expects a floating point Tensor[N, C, H, W], got {input.dim()}-d {input.dtype}")
+    if rois.dtype != input.dtype:
+        raise RuntimeError(f"roi_align expects boxes of the input's dtype {input.dtype}, got {rois.dtype}")
     form = forms.choose(impl, input)
     if form == "reference":
-        return reference.roi_align(input, boxes_to_rois(boxes), _pair(output_size), spatial_scale, sampling_ratio,
-                                   aligned)
+        return reference.roi_align(input, rois.detach(), _pair(output_size), spatial_scale, sampling_ratio, aligned)
     N, C, H, W = input.shape
     dtype = _compute_dtype(input.dtype)
-    rois = boxes_to_rois(boxes).to(dtype)
+    rois = rois.to(dtype)
     K = rois.shape[0]
     device = input.device
-    P = _pair(output_size)
-    base = rois[:, 0].long() * (H * W)  # kept: the batch index is truncated like the kernel's int cast
+    base = rois[:, 0].detach().long() * (H * W)  # kept: the batch index is truncated like the kernel's int cast
     height = torch.full((K,), H, dtype=torch.int64, device=device)
     width = torch.full((K,), W, dtype=torch.int64, device=device)
     scale = torch.full((K,), spatial_scale, dtype=dtype, device=device)
-    out = _pool(feature_table([input], dtype), rois, base, height, width, scale, P, sampling_ratio, aligned,
-                fused=form == "gpu")
+    out = roi_align_table(feature_table([input], dtype), rois, base, height, width, scale, output_size,
+                          sampling_ratio, aligned, impl=form)
     return out.to(input.dtype)
 
 
