@@ -423,6 +423,13 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
     first = features[0]
     if len(features) == 1 and first.dtype == dtype and first.is_contiguous(memory_format=torch.channels_last):
         return first.permute(0, 2, 3, 1).reshape(-1, C)  # (N*H*W, C), a view
+    if torch.is_grad_enabled() and any(f.requires_grad for f in features):
+        return _FeatureTable.apply(dtype, *features)
+    return _copy_into_table(features, dtype)
+
+
+def _copy_into_table(features: list[Tensor], dtype: torch.dtype) -> Tensor:
+    C = features[0].shape[1]
     table = features[0].new_empty((sum(f.shape[0] * f.shape[2] * f.shape[3] for f in features), C), dtype=dtype)
     start = 0
     for f in features:
@@ -431,6 +438,26 @@ def feature_table(features: list[Tensor], dtype: torch.dtype | None = None) -> T
         rows.copy_(f.permute(0, 2, 3, 1))  # (N, H, W, C): a plain copy when f is channels_last
         start += N * H * W
     return table
+
+
+class _FeatureTable(torch.autograd.Function):
+    """The table copy, handing each level its gradient back as a contiguous Tensor[N, C, H, W]: autograd
+    through the copy would hand back channels-last views of the table's gradient, and a norm's backward (v2's
+    FPN) then reduces in another order than the originals', whose RoIAlign returns contiguous gradients."""
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, *features: Tensor) -> Tensor:
+        ctx.shapes, ctx.dtypes = [f.shape for f in features], [f.dtype for f in features]
+        return _copy_into_table(list(features), dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # grad: (R, C)
+        grads, start = [], 0
+        for (N, C, H, W), dtype in zip(ctx.shapes, ctx.dtypes):
+            rows = grad[start:start + N * H * W].view(N, H, W, C)
+            grads.append(rows.permute(0, 3, 1, 2).contiguous().to(dtype))            # (N, C, H, W)
+            start += N * H * W
+        return (None, *grads)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
