@@ -34,7 +34,6 @@ from minseg.ops.roi_align import roi_align
 class RoIHeadsConfig:
     num_classes: int = 90                     # foreground classes K (torchvision COCO: 90 ids + background)
     background: str = "first"                 # "first": torchvision layout (K+1 everywhere); "last": detectron2
-    in_features: tuple[str, ...] = ("p2", "p3", "p4", "p5")
     channels: int = 256
     # box head: box_convs 3x3 conv(+norm)+ReLU layers, then flatten and box_fcs fc+ReLU layers
     box_convs: int = 0                        # torchvision v2: 4
