@@ -147,6 +147,37 @@ def verdict_row(model: str, original: str, stages: list[Stage], failed: list[str
     return ParityRow(model, original, tally.max_abs, tally.max_rel, not failed, detail)
 
 
+def fixture_verdict(name: str, original: str, model, fx, run_report, canary, allowances,
+                    tolerance: float) -> ParityRow:
+    """The row of a recorded fixture: run every stage, ask the canary whether this machine reproduces the
+    recording's kernels (then every stage must be bitwise), and judge the rest by `failures`."""
+    outputs = {}
+    stages = run_report(model, fx, outputs)
+    same_kernels, why = canary(model, fx)
+    table = allowances(model, fx, outputs)
+    failed = failures(stages, tolerance, table)
+    if same_kernels:
+        failed += [f"{s.name} (not bitwise with the recording's kernels)" for s in stages if not s.bitwise]
+    return verdict_row(name, original, stages, failed, (same_kernels, why), tolerance, table)
+
+
+def allowance_table(table: dict[str, Allowance]) -> str:
+    width = max((len(stage) for stage in table), default=0)
+    return "\n".join(f"{stage:<{width}} {a.limit:>5}  {a.reason}" for stage, a in table.items())
+
+
+def print_fixture_report(model, fx, run_report, canary, allowances) -> None:
+    """Every stage, the canary and the allowance table: a closer look than the table's row."""
+    outputs = {}
+    stages = run_report(model, fx, outputs)
+    width = max(len(s.name) for s in stages)
+    for s in stages:
+        print(f"{s.name:<{width}} {'bitwise' if s.bitwise else '':<8} abs {s.max_abs:.3g} rel {s.max_rel:.3g} "
+              f"differing {s.differing}")
+    print(canary(model, fx))
+    print(allowance_table(allowances(model, fx, outputs)))
+
+
 def match_near_ties(ours: torch.Tensor, our_scores: torch.Tensor, recorded: torch.Tensor, band: float) -> torch.Tensor:
     """An order for our rows (Tensor[K, ...], scores descending) that follows the recording's where the two differ
     only by adjacent swaps of scores closer than `band` (rounding can order near-equal scores either way). A swap is

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 import minseg
 from minseg.ops.yolact_boxes import crop_masks
-from minseg_ref.common import (Allowance, ParityRow, Stage, compare_stage, failures, fixture_dir, load_synth,
-                               match_near_ties, verdict_row)
+from minseg_ref.common import (Allowance, ParityRow, Stage, allowance_table, compare_stage, failures, fixture_dir,
+                               fixture_verdict, load_synth, match_near_ties, print_fixture_report)
 
 FIXTURE = "yolact_resnet50"
 ORIGINAL = "dbolya/yolact fixture"
@@ -247,22 +247,11 @@ def allowances(model, fx: dict, outputs: dict) -> dict[str, Allowance]:
     return {stage: a for stage, a in table.items() if stage in STAGES}
 
 
-def allowance_table(table: dict[str, Allowance]) -> str:
-    return "\n".join(f"{stage:<32} {a.limit:>5}  {a.reason}" for stage, a in table.items())
-
 
 def check() -> ParityRow:
     torch.set_num_threads(2)
-    fx = load_fixture()[0]
-    model = build_model()
-    outputs = {}
-    stages = run_report(model, fx, outputs)
-    same_kernels, why = canary(model, fx)
-    table = allowances(model, fx, outputs)
-    failed = failures(stages, TOLERANCE, table)
-    if same_kernels:
-        failed += [f"{s.name} (not bitwise with the recording's kernels)" for s in stages if not s.bitwise]
-    return verdict_row(FIXTURE, ORIGINAL, stages, failed, (same_kernels, why), TOLERANCE, table)
+    return fixture_verdict(FIXTURE, ORIGINAL, build_model(), load_fixture()[0], run_report, canary, allowances,
+                           TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -371,9 +360,4 @@ CHECKS.update({arch: (f"dbolya/yolact {arch} key list", lambda arch=arch: struct
 
 if __name__ == "__main__":  # every stage, the canary and the allowance table: a closer look than the table's row
     torch.set_num_threads(2)
-    fx, model = load_fixture()[0], build_model()
-    outputs = {}
-    for s in run_report(model, fx, outputs):
-        print(f"{s.name:<32} {'bitwise' if s.bitwise else '':<8} abs {s.max_abs:.3g} rel {s.max_rel:.3g} differing {s.differing}")
-    print(canary(model, fx))
-    print(allowance_table(allowances(model, fx, outputs)))
+    print_fixture_report(build_model(), load_fixture()[0], run_report, canary, allowances)
