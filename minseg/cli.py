@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ops", action="store_true", help="also time the operators (RoIAlign, NMS) against torchvision.ops")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side (median reported)")
-    p.add_argument("--train", action="store_true", help="time one training step of fcn_*, deeplabv3_*, unet_resnet34")
+    p.add_argument("--train", action="store_true", help="time one training step (fcn_*, deeplabv3_*, unet_resnet34, maskrcnn_*)")
     p.set_defaults(func=cmd_bench)
     return parser
 

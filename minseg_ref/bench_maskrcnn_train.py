@@ -42,6 +42,26 @@ def bench(name: str, device: str, repeats: int, min_size: int) -> dict:
             "ratio": ours_ms / ref_ms}
 
 
+def train_steps(name: str, device: str, min_size: int = 800) -> dict:
+    """{"ours": step, "original": step}: one training step each (forward, the five losses, backward) on the same
+    weights, 2 images resized to ~800x1067, targets and seed (setup for bench.compare_sides)."""
+    from minseg_ref.parity_maskrcnn import images
+    from minseg_ref.train_maskrcnn import build_train_pair, make_targets
+
+    ref, ours = build_train_pair(name, "bn", min_size=min_size, max_size=round(min_size * 1333 / 800))
+    ref, ours = ref.to(device), ours.to(device)
+    sizes = [(480, 640), (427, 640)]
+    xs = [x.to(device) for x in images(sizes, seed=1)]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in make_targets(sizes, [5, 4], seed=1)]
+
+    def side(model):
+        def run() -> None:
+            with torch.inference_mode(False), torch.enable_grad():  # the bench harness calls us under inference_mode
+                step(model, xs, targets, seed=0)
+        return run
+    return {"ours": side(ours), "original": side(ref)}
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
     p.add_argument("--name", default="maskrcnn_resnet50_fpn")

@@ -1,8 +1,10 @@
-"""`minseg bench --train`: one training step of the semantic models against the original's, same weights and batch.
+"""`minseg bench --train`: one training step of the semantic models and Mask R-CNN against the original's, same
+weights and batch.
 
-A step is the forward in train mode, the loss (torchvision's reference criterion with aux for FCN / DeepLabV3,
+A semantic step is the forward in train mode, the loss (torchvision's reference criterion with aux for FCN / DeepLabV3,
 smp's Dice + Focal for U-Net), backward, and an SGD step (momentum 0.9, weight decay 1e-4), both sides built by
-minseg_ref/parity_train.py. Timing and peak memory come from minseg_ref/bench.py's compare_sides unchanged: it
+minseg_ref/parity_train.py. Mask R-CNN's (forward, the five losses, backward; 2 images at ~800x1067) is
+minseg_ref/bench_maskrcnn_train.py's. Timing and peak memory come from minseg_ref/bench.py's compare_sides unchanged: it
 calls each side under torch.inference_mode, so a step turns inference mode back off inside itself. The CPU peak is
 then the resident-set high-water mark of one step beyond the resident set before it (weights, gradients of the
 previous step, optimizer state already there), each side alone in a fresh process.
@@ -15,7 +17,8 @@ import torch
 
 from minseg_ref.bench import BenchRow, compare_sides
 
-TRAIN_BENCH = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "unet_resnet34"]
+TRAIN_BENCH = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "unet_resnet34",
+               "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
 BATCH, SIZE, NUM_CLASSES = 2, (256, 256), 21
 
 
@@ -44,6 +47,12 @@ def train_steps(name: str, device: str) -> dict:
 
 
 def bench_train(name: str, device: str, repeats: int) -> BenchRow:
+    if name.startswith("maskrcnn"):  # forward, the five losses, backward: minseg_ref/bench_maskrcnn_train.py
+        from minseg_ref.bench_maskrcnn_train import train_steps as maskrcnn_steps
+
+        t_ours, t_ref, p_ours, p_ref = compare_sides(maskrcnn_steps, [name], device, repeats)
+        return BenchRow(name, device, "2 images, ~800x1067", t_ours, t_ref, p_ours, p_ref,
+                        note="train step (5 losses, backward); peak MB of one step")
     t_ours, t_ref, p_ours, p_ref = compare_sides(train_steps, [name], device, repeats)
     loss = "CE+0.5 aux CE" if name != "unet_resnet34" else "Dice+Focal"
     return BenchRow(name, device, f"{BATCH}x3x{SIZE[0]}x{SIZE[1]}", t_ours, t_ref, p_ours, p_ref,
