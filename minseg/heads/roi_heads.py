@@ -146,20 +146,20 @@ class RoIHeads(nn.Module):
         self.box_predictor = BoxPredictor(cfg)
         self.mask_head = MaskHead(cfg)
 
-    @shared_feature_tables()  # the two poolers read one channels-last copy of the pyramid
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
         counts = [len(p) for p in proposals]
-        # 1. box head on every proposal, then per image selection
-        x = self.box_head(self.box_pooler(features, proposals, image_sizes))       # (R, fc_dim)
-        class_logits, box_deltas = self.box_predictor(x)
-        boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))             # (R, B*4)
-        probs = F.softmax(class_logits, dim=-1)                                     # (R, K+1)
-        detections = [self.select(b, p, size) for b, p, size in
-                      zip(boxes.split(counts), probs.split(counts), image_sizes)]
-        # 2. mask head at the detected boxes; keep the channel of each box's class
-        mask_boxes = [d["boxes"] for d in detections]
-        pooled = self.mask_pooler(features, mask_boxes, image_sizes)                # (K, C, 14, 14)
+        with shared_feature_tables():  # the two poolers read one channels-last copy of the pyramid, freed after
+            # 1. box head on every proposal, then per image selection
+            x = self.box_head(self.box_pooler(features, proposals, image_sizes))   # (R, fc_dim)
+            class_logits, box_deltas = self.box_predictor(x)
+            boxes = self.box_coder.decode(box_deltas, torch.cat(proposals))         # (R, B*4)
+            probs = F.softmax(class_logits, dim=-1)                                 # (R, K+1)
+            detections = [self.select(b, p, size) for b, p, size in
+                          zip(boxes.split(counts), probs.split(counts), image_sizes)]
+            # 2. mask head at the detected boxes; keep the channel of each box's class
+            mask_boxes = [d["boxes"] for d in detections]
+            pooled = self.mask_pooler(features, mask_boxes, image_sizes)            # (K, C, 14, 14)
         mask_logits = self.mask_head(pooled)
         labels = torch.cat([d["labels"] for d in detections])
         index = torch.arange(len(labels), device=labels.device)
@@ -191,7 +191,6 @@ class RoIHeads(nn.Module):
         keep = batched_nms(boxes, scores, labels, cfg.nms_thresh)[: cfg.detections_per_img]
         return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
-    @shared_feature_tables()  # the two poolers read one channels-last copy of the pyramid
     def forward_train(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Losses of the box and mask heads (torchvision roi_heads.py, training branch).
@@ -215,16 +214,18 @@ class RoIHeads(nn.Module):
             boxes.append(props[keep])
             labels.append(label[keep])
             matches.append(match[keep])
-        # 2. box head on the sampled proposals
-        x = self.box_head(self.box_pooler(features, boxes, image_sizes))             # (S, fc_dim)
-        class_logits, box_deltas = self.box_predictor(x)
-        pos = [torch.where(lab > 0)[0] for lab in labels]
-        mask_boxes = [b[p] for b, p in zip(boxes, pos)]                              # the positives' boxes
-        gt_of_pos = torch.cat([t["boxes"].to(b.dtype)[m[p]] for t, b, m, p in zip(targets, boxes, matches, pos)])
-        targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))      # (P, 4)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
-        # 3. mask head on the positives, against the gt masks cropped to them
-        mask_logits = self.mask_head(self.mask_pooler(features, mask_boxes, image_sizes))  # (M, K+1, 28, 28)
+        with shared_feature_tables():  # the two poolers read one channels-last copy of the pyramid, freed after
+            # 2. box head on the sampled proposals
+            x = self.box_head(self.box_pooler(features, boxes, image_sizes))         # (S, fc_dim)
+            class_logits, box_deltas = self.box_predictor(x)
+            pos = [torch.where(lab > 0)[0] for lab in labels]
+            mask_boxes = [b[p] for b, p in zip(boxes, pos)]                          # the positives' boxes
+            gt_of_pos = torch.cat([t["boxes"].to(b.dtype)[m[p]] for t, b, m, p in zip(targets, boxes, matches, pos)])
+            targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))  # (P, 4)
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
+            # 3. mask head on the positives, against the gt masks cropped to them
+            pooled = self.mask_pooler(features, mask_boxes, image_sizes)             # (M, C, 14, 14)
+        mask_logits = self.mask_head(pooled)                                         # (M, K+1, 28, 28)
         mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1])
                         for t, b, m, p in zip(targets, mask_boxes, matches, pos)]
         mask_labels = torch.cat([lab[p] for lab, p in zip(labels, pos)])
