@@ -8,5 +8,6 @@ from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
 from minseg.ops.masks import expand_boxes, paste_masks_detectron2, paste_masks_torchvision
 from minseg.ops.poolers import (MultiScaleRoIAlign, assign_levels_detectron2, assign_levels_torchvision,
                                 multiscale_roi_align, shared_feature_tables)
-from minseg.ops.roi_align import RoIAlign, boxes_to_rois, feature_table, roi_align, roi_align_table
+from minseg.ops.feature_table import feature_table
+from minseg.ops.roi_align import RoIAlign, boxes_to_rois, roi_align, roi_align_table
 from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordinates, yolact_priors

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from minseg.ops.boxes import box_area
 from minseg.ops import forms
 from minseg.ops.forms import copy_to_device
-from minseg.ops.roi_align import _compute_dtype, _pair, boxes_to_rois, feature_table, roi_align_table
+from minseg.ops.feature_table import compute_dtype, feature_table
+from minseg.ops.roi_align import _pair, boxes_to_rois, roi_align_table
 
 LevelRule = Callable[[Tensor, int, int, int, int], Tensor]  # (boxes xyxy, k_min, k_max, canonical scale, level)
 
@@ -87,7 +88,7 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
     form = forms.choose(impl, features[0])
     if form == "reference":
         raise ValueError("multiscale_roi_align has no reference form; pool each level with roi_align(impl='reference')")
-    dtype = _compute_dtype(features[0].dtype)
+    dtype = compute_dtype(features[0].dtype)
     device = rois.device
     rois = rois.to(dtype)
     assigned = (levels >= 0) & (levels < len(features))  # (K,)
