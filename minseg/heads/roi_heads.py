@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from minseg.heads.matching import BalancedSampler, Matcher
+from minseg.heads.rpn import box_regression_loss
 from minseg.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
 from minseg.ops.layers import make_norm
 from minseg.ops.poolers import MultiScaleRoIAlign, shared_feature_tables
@@ -50,6 +51,11 @@ class RoIHeadsConfig:
     # mask head
     mask_convs: int = 4
     mask_channels: int = 256
+    # training (torchvision's defaults; detectron2 fast_rcnn.py / mask_head.py: 0.0, True, 0.5)
+    smooth_l1_beta: float = 1 / 9             # box loss smooth-L1 beta; 0.0 is plain L1
+    mask_target_aligned: bool = False         # RoIAlign of the gt masks with the half-pixel shift (BitMasks
+                                              # crop_and_resize) or without (project_masks_on_boxes)
+    mask_target_threshold: float | None = None  # binarise the resampled targets at >= this; None: soft targets
 
 
 def conv_norm_relu(cin: int, cout: int, norm: str | None, eps: float) -> nn.Sequential:
@@ -128,7 +134,7 @@ class RoIHeads(nn.Module):
     box_pooler, mask_pooler: MultiScaleRoIAlign to 7x7 and 14x14 (each original's level rule, alignment and
     sampling); box_coder: `encode` / `decode` with the box head's weights (ops/box_coders.py); matcher,
     sampler: training's proposal assignment (heads/matching.py; default torchvision's). `forward_train`
-    returns the losses instead (torchvision's layout, background first).
+    returns the losses instead.
     """
 
     def __init__(self, cfg: RoIHeadsConfig, box_pooler: MultiScaleRoIAlign, mask_pooler: MultiScaleRoIAlign,
@@ -193,14 +199,17 @@ class RoIHeads(nn.Module):
 
     def forward_train(self, features: dict[str, Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Losses of the box and mask heads (torchvision roi_heads.py, training branch).
+        """Losses of the box and mask heads (torchvision roi_heads.py, training branch; detectron2 roi_heads.py
+        StandardROIHeads with label_and_sample_proposals when the background is last).
 
         proposals: per image Tensor[P_i, 4] (no gradient); targets: per image {"boxes": Tensor[G_i, 4],
-        "labels": Tensor[G_i] int64 in 1..K, "masks": Tensor[G_i, H_i, W_i] uint8}, all at the network's input
-        scale -> {"loss_classifier", "loss_box_reg", "loss_mask"}.
+        "labels": Tensor[G_i] int64 (1..K with the background first, 0..K-1 with it last), "masks":
+        Tensor[G_i, H_i, W_i] uint8 or bool}, all at the network's input scale
+        -> {"loss_classifier", "loss_box_reg", "loss_mask"}.
+        The sampler's order is kept: sorted by candidate (torchvision's sampled mask) or positives then negatives
+        in randperm order (detectron2's sampled_idxs).
         """
-        if self.cfg.background != "first":
-            raise NotImplementedError("training is torchvision's (background first)")
+        background = 0 if self.cfg.background == "first" else self.cfg.num_classes
         # 1. per image: the gt boxes join the proposals; match, sample, label
         boxes, labels, matches = [], [], []
         for props, t in zip(proposals, targets):
@@ -208,9 +217,12 @@ class RoIHeads(nn.Module):
             props = torch.cat((props, gt_boxes))
             match, match_label = self.matcher(box_iou(gt_boxes, props))              # (P,), (P,)
             label = gt_labels[match] if len(gt_boxes) else torch.zeros_like(match)
-            label = torch.where(match_label == 1, label, match_label.to(label.dtype))  # 0 background, -1 ignored
+            label = torch.where(match_label == 1, label,                             # matched: the gt's class
+                                torch.where(match_label == 0, background, -1))       # background, ignored
             (pos, neg), = self.sampler([label])
-            keep = torch.cat((pos, neg)).sort()[0]  # in proposal order, as torchvision's sampled mask
+            keep = torch.cat((pos, neg))
+            if self.sampler.sort:
+                keep = keep.sort()[0]  # in proposal order, as torchvision's sampled mask
             boxes.append(props[keep])
             labels.append(label[keep])
             matches.append(match[keep])
@@ -218,43 +230,49 @@ class RoIHeads(nn.Module):
             # 2. box head on the sampled proposals
             x = self.box_head(self.box_pooler(features, boxes, image_sizes))         # (S, fc_dim)
             class_logits, box_deltas = self.box_predictor(x)
-            pos = [torch.where(lab > 0)[0] for lab in labels]
+            pos = [torch.where((lab >= 0) & (lab != background))[0] for lab in labels]
             mask_boxes = [b[p] for b, p in zip(boxes, pos)]                          # the positives' boxes
             gt_of_pos = torch.cat([t["boxes"].to(b.dtype)[m[p]] for t, b, m, p in zip(targets, boxes, matches, pos)])
             targets_pos = self.box_coder.encode(gt_of_pos, torch.cat(mask_boxes))  # (P, 4)
-            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos)
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_deltas, torch.cat(labels), targets_pos,
+                                                          background, self.cfg.smooth_l1_beta)
             # 3. mask head on the positives, against the gt masks cropped to them
             pooled = self.mask_pooler(features, mask_boxes, image_sizes)             # (M, C, 14, 14)
-        mask_logits = self.mask_head(pooled)                                         # (M, K+1, 28, 28)
-        mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1])
+        mask_logits = self.mask_head(pooled)                                         # (M, K(+1), 28, 28)
+        mask_targets = [project_masks(t["masks"], b, m[p], mask_logits.shape[-1], self.cfg.mask_target_aligned,
+                                      self.cfg.mask_target_threshold)
                         for t, b, m, p in zip(targets, mask_boxes, matches, pos)]
         mask_labels = torch.cat([lab[p] for lab, p in zip(labels, pos)])
         loss_mask = maskrcnn_loss(mask_logits, mask_labels, torch.cat(mask_targets))
         return {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg, "loss_mask": loss_mask}
 
 
-def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets_pos: Tensor
-                  ) -> tuple[Tensor, Tensor]:
-    """Box head losses over the S sampled proposals (torchvision's fastrcnn_loss).
+def fastrcnn_loss(class_logits: Tensor, box_deltas: Tensor, labels: Tensor, targets_pos: Tensor,
+                  background: int = 0, beta: float = 1 / 9) -> tuple[Tensor, Tensor]:
+    """Box head losses over the S sampled proposals (torchvision's fastrcnn_loss; detectron2's
+    FastRCNNOutputLayers.losses with background K and beta 0.0).
 
-    class_logits Tensor[S, K+1], box_deltas Tensor[S, (K+1)*4], labels Tensor[S] (0 background),
-    targets_pos Tensor[P, 4]: the encoded gt boxes of the P positives (labels > 0), in order.
+    class_logits Tensor[S, K+1], box_deltas Tensor[S, B*4] (a box per class column, the background's too when
+    it is first), labels Tensor[S]: a class or `background`; targets_pos Tensor[P, 4]: the encoded gt boxes of
+    the P positives (labels other than the background), in order.
       loss_classifier = mean over S of cross entropy
-      loss_box_reg    = sum over positives of smooth_l1(deltas of the gt class - target, beta 1/9) / S
+      loss_box_reg    = sum over positives of smooth_l1(deltas of the gt class - target, beta) / S
     """
     S = class_logits.shape[0]
-    pos = torch.where(labels > 0)[0]
+    pos = torch.where((labels >= 0) & (labels != background))[0]
     deltas = box_deltas.reshape(S, -1, 4)[pos, labels[pos]]                          # (P, 4)
-    box_loss = F.smooth_l1_loss(deltas, targets_pos, beta=1 / 9, reduction="sum") / labels.numel()
+    box_loss = box_regression_loss(deltas, targets_pos, beta) / labels.numel()
     return F.cross_entropy(class_logits, labels), box_loss
 
 
-def project_masks(gt_masks: Tensor, boxes: Tensor, matches: Tensor, M: int) -> Tensor:
+def project_masks(gt_masks: Tensor, boxes: Tensor, matches: Tensor, M: int, aligned: bool = False,
+                  threshold: float | None = None) -> Tensor:
     """Mask targets: each box's matched gt mask Tensor[G, H, W] cropped to the box and resampled to M x M by
-    RoIAlign (adaptive sampling, not aligned; torchvision's project_masks_on_boxes) -> Tensor[len(boxes), M, M]
-    soft values in 0..1."""
+    RoIAlign (adaptive sampling) -> Tensor[len(boxes), M, M] in 0..1. torchvision's project_masks_on_boxes:
+    not aligned, soft values; detectron2's BitMasks.crop_and_resize: aligned, then >= 0.5 as 0/1."""
     rois = torch.cat((matches.to(boxes)[:, None], boxes), dim=1)                      # (B, 5)
-    return roi_align(gt_masks[:, None].to(rois), rois, (M, M), 1.0)[:, 0]
+    targets = roi_align(gt_masks[:, None].to(rois), rois, (M, M), 1.0, aligned=aligned)[:, 0]
+    return targets if threshold is None else (targets >= threshold).to(targets.dtype)
 
 
 def maskrcnn_loss(mask_logits: Tensor, labels: Tensor, mask_targets: Tensor) -> Tensor:

@@ -44,6 +44,11 @@ class RPNConfig:
     min_size: float = 1e-3                    # keep boxes whose sides pass this size test
     min_size_strict: bool = False             # False: sides >= min_size (torchvision); True: > (detectron2, 0.0)
     drop_nonfinite: bool = False              # drop boxes or scores that are inf/NaN first (detectron2)
+    # training losses (torchvision's defaults; detectron2 rpn.py RPN.losses: beta 0.0 and "batch_size")
+    smooth_l1_beta: float = 1 / 9             # box loss smooth-L1 beta; 0.0 is plain L1
+    loss_normalizer: str = "sampled"          # "sampled": objectness mean over the samples, positives first, box
+                                              # sum / #samples (torchvision); "batch_size": both summed in anchor
+                                              # order / (batch_size_per_image * N) (detectron2)
 
 
 class RPN(nn.Module):
@@ -61,6 +66,8 @@ class RPN(nn.Module):
         super().__init__()
         if cfg.objectness not in ("sigmoid", "logits"):
             raise ValueError(f"objectness must be 'sigmoid' or 'logits', got {cfg.objectness!r}")
+        if cfg.loss_normalizer not in ("sampled", "batch_size"):
+            raise ValueError(f"loss_normalizer must be 'sampled' or 'batch_size', got {cfg.loss_normalizer!r}")
         self.cfg = cfg
         self.anchor_generator, self.box_coder = anchor_generator, box_coder
         # training only: anchor matching and sampling (both originals: IoU >= 0.7 fg, < 0.3 bg, best anchor of
@@ -124,14 +131,16 @@ class RPN(nn.Module):
 
     def losses(self, logits: list[Tensor], deltas: list[Tensor], anchors: Tensor,
                gt_boxes: list[Tensor]) -> dict[str, Tensor]:
-        """Objectness and box losses on a sample of anchors (torchvision rpn.py compute_loss).
+        """Objectness and box losses on a sample of anchors (torchvision rpn.py compute_loss; detectron2 rpn.py
+        RPN.losses with loss_normalizer "batch_size").
 
         anchors: Tensor[R, 4], all levels. Per image: match anchors to the gt boxes, sample positives and
-        negatives; then over the batch's S sampled anchors
-          loss_objectness  = mean over S of BCE(sigmoid(logit), label)
-          loss_rpn_box_reg = sum over positives of smooth_l1(delta - encode(gt, anchor), beta 1/9) / S
+        negatives; then over the batch's S sampled anchors, with D = S (torchvision) or batch_size_per_image * N
+        (detectron2, whatever was sampled)
+          loss_objectness  = sum over S of BCE(sigmoid(logit), label) / D
+          loss_rpn_box_reg = sum over positives of smooth_l1(delta - encode(gt, anchor), beta) / D
         """
-        R = anchors.shape[0]
+        N, R = len(gt_boxes), anchors.shape[0]
         logits = torch.cat(logits, dim=1).reshape(-1)                                 # (N*R,) image-major
         deltas = torch.cat(deltas, dim=1).reshape(-1, 4)                              # (N*R, 4)
         matched = [self.matcher(box_iou(gt, anchors)) for gt in gt_boxes]            # per image (R,), (R,)
@@ -144,8 +153,15 @@ class RPN(nn.Module):
         # regression targets of the positives only (torchvision encodes every anchor, the same values)
         gt_of_pos = torch.cat([gt[m[p]] for gt, (m, _), (p, _) in zip(gt_boxes, matched, samples)])
         targets = self.box_coder.encode(gt_of_pos, anchors[pos % R])
-        box_loss = F.smooth_l1_loss(deltas[pos], targets, beta=1 / 9, reduction="sum") / sampled.numel()
-        objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        if self.cfg.loss_normalizer == "sampled":  # torchvision: a mean over the samples, in that order
+            normalizer = sampled.numel()
+            objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled])
+        else:  # detectron2: its loss reads the sampled labels through a mask, so in anchor order
+            normalizer = self.sampler.batch_size_per_image * N
+            sampled = sampled.sort()[0]
+            objectness_loss = F.binary_cross_entropy_with_logits(logits[sampled], labels[sampled],
+                                                                 reduction="sum") / normalizer
+        box_loss = box_regression_loss(deltas[pos], targets, self.cfg.smooth_l1_beta) / normalizer
         return {"loss_objectness": objectness_loss, "loss_rpn_box_reg": box_loss}
 
     def propose(self, logits: list[Tensor], deltas: list[Tensor], anchors: list[Tensor],
@@ -191,3 +207,11 @@ class RPN(nn.Module):
         boxes, scores, levels = clipped[keep], scores[keep], levels[keep]
         keep = batched_nms(boxes, scores, levels, cfg.nms_thresh)[:post_nms_top_n]
         return {"boxes": boxes[keep], "scores": scores[keep]}
+
+
+def box_regression_loss(deltas: Tensor, targets: Tensor, beta: float) -> Tensor:
+    """Sum over all elements of smooth_l1(deltas - targets, beta) (torchvision's F.smooth_l1_loss); beta 0.0 is
+    |deltas - targets|, written so as in detectron2's fvcore smooth_l1_loss (its default, beta < 1e-5)."""
+    if beta == 0.0:
+        return (deltas - targets).abs().sum()
+    return F.smooth_l1_loss(deltas, targets, beta=beta, reduction="sum")

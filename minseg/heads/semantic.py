@@ -64,3 +64,11 @@ class SemSegFPNHead(nn.Module):
             x = x + level(f)  # kept: accumulated finest-first, the original's float order
         x = self.predictor(x)
         return F.interpolate(x, scale_factor=float(self.cfg.common_stride), mode="bilinear", align_corners=False)
+
+
+def sem_seg_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = 255,
+                 loss_weight: float = 1.0) -> torch.Tensor:
+    """loss_weight * mean over the labelled pixels (targets != ignore_index) of the cross entropy of the logits
+    Tensor[N, C, H, W] (the head's output, upsampled to the padded size) against targets Tensor[N, H, W] int64
+    padded with ignore_index. Follows detectron2 semantic_seg.py SemSegFPNHead.losses (Panoptic FPN: weight 0.5)."""
+    return F.cross_entropy(logits.float(), targets, reduction="mean", ignore_index=ignore_index) * loss_weight

@@ -1,4 +1,4 @@
-"""Panoptic FPN (Kirillov et al. 2019) at inference, as detectron2 builds it (COCO-PanopticSegmentation configs).
+"""Panoptic FPN (Kirillov et al. 2019), as detectron2 builds it (COCO-PanopticSegmentation configs).
 
 One network, two outputs: a Mask R-CNN (ResNet + FPN, RPN, box and mask heads) finds the "things", and a light
 semantic head on the same FPN maps labels the "stuff"; panoptic fusion merges both into one segment id per pixel.
@@ -8,8 +8,11 @@ semantic head on the same FPN maps labels the "stuff"; panoptic fusion merges bo
         -> RPN (p2..p6) -> RoI heads (p2..p5)                        -> boxes, scores, classes, 28x28 mask probs
     per image: rescale to (height, width), paste masks, crop+resize sem_seg, fuse -> panoptic_seg, segments_info
 
-Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.inference) and rcnn.py (preprocess_image);
-the RPN, RoI heads and FPN are the shared Mask R-CNN modules configured the detectron2 way.
+In train mode the same network returns detectron2's six losses instead (forward_train): the semantic head's cross
+entropy, the RPN's and the RoI heads' (Mask R-CNN's) losses, with detectron2's matching, sampling and weights.
+
+Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.forward, .inference) and rcnn.py
+(preprocess_image); the RPN, RoI heads and FPN are the shared Mask R-CNN modules configured the detectron2 way.
 """
 from __future__ import annotations
 
@@ -24,11 +27,13 @@ from minseg.backbones.resnet import ResNet, resnet_config
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
-from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead
+from minseg.heads.matching import BalancedSampler
+from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead, sem_seg_loss
 from minseg.models._inputs import check_image_list
 from minseg.models._options import (MAX_CLASSES, MAX_SIDE, check_float, check_floats, check_int, set_checked,
                                     shown)
 from minseg.models._predict import inference
+from minseg.models.mask_rcnn import check_targets
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
 from minseg.ops.box_coders import Box2BoxTransform
@@ -49,6 +54,10 @@ class PanopticFPNConfig:
     max_size_test: int = 1333
     mask_threshold: float = 0.5                             # pasted mask probability >= this is foreground
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    # training
+    freeze_at: int = 2                                      # MODEL.BACKBONE.FREEZE_AT: stem and res2 (layer1) frozen
+    sem_seg_loss_weight: float = 0.5                        # SEM_SEG_HEAD.LOSS_WEIGHT
+    ignore_value: int = 255                                 # SEM_SEG_HEAD.IGNORE_VALUE: unlabelled sem_seg pixels
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, 1, MAX_CLASSES)
@@ -59,6 +68,9 @@ class PanopticFPNConfig:
         check_int("min_size_test", self.min_size_test, 1, MAX_SIDE)
         check_int("max_size_test", self.max_size_test, 1, MAX_SIDE)
         check_float("mask_threshold", self.mask_threshold, 0.0, 1.0)
+        check_int("freeze_at", self.freeze_at, 0, 5)
+        check_float("sem_seg_loss_weight", self.sem_seg_loss_weight, 0.0, 1e3)
+        check_int("ignore_value", self.ignore_value, 0, 65535)
         if not isinstance(self.fusion, FusionConfig):
             raise TypeError(f"fusion must be a FusionConfig, got {shown(self.fusion)}")
 
@@ -99,7 +111,9 @@ class PanopticFPN(nn.Module):
             padded[i, :, : im.shape[1], : im.shape[2]].copy_(im)
         return padded, sizes
 
-    def forward(self, batch: list[dict]) -> list[dict]:
+    def forward(self, batch: list[dict]) -> list[dict] | dict[str, torch.Tensor]:
+        if self.training:
+            return self.forward_train(batch)
         # 1. normalise and pad; ResNet; FPN
         images, sizes = self.preprocess(batch)
         features = self.fpn(self.backbone(images))                      # {"p2": Tensor[N, 256, Hp/4, Wp/4], ..., "p6"}
@@ -118,6 +132,33 @@ class PanopticFPN(nn.Module):
                 instances["scores"], instances["labels"], instances["masks"], sem.argmax(dim=0), self.cfg.fusion)
             results.append({"instances": instances, "sem_seg": sem, "panoptic_seg": panoptic, "segments_info": segments})
         return results
+
+    def forward_train(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        """Each entry also holding "instances": {"boxes" Tensor[K, 4] xyxy, "labels" Tensor[K] int64 0..79, "masks"
+        Tensor[K, H, W] bool} and "sem_seg" Tensor[H, W] int64 (0 things, 1..53 stuff, 255 ignored), at the size
+        of "image" -> {"loss_sem_seg", "loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"},
+        in detectron2's order. Random anchor and proposal sampling draws from torch's global generator as
+        detectron2 does: RPN image by image, then the RoI heads image by image."""
+        check_training_inputs(batch)
+        # 1. normalise and pad; ResNet; FPN
+        images, sizes = self.preprocess(batch)
+        N, _, Hp, Wp = images.shape
+        features = self.fpn(self.backbone(images))
+        # 2. semantic head: cross entropy at the padded size, the padding ignored (ImageList pad value 255)
+        sem_seg = self.sem_seg_head([features[k] for k in ("p2", "p3", "p4", "p5")])  # (N, 54, Hp, Wp)
+        targets = torch.full((N, Hp, Wp), self.cfg.ignore_value, dtype=torch.int64, device=images.device)
+        for target, item, (h, w) in zip(targets, batch, sizes):
+            target[:h, :w].copy_(item["sem_seg"])
+        losses = {"loss_sem_seg": sem_seg_loss(sem_seg, targets, self.cfg.ignore_value, self.cfg.sem_seg_loss_weight)}
+        # 3. RPN losses on sampled anchors; its train-mode proposals
+        instances = [{k: v.to(images.device) for k, v in item["instances"].items()} for item in batch]
+        proposals, rpn = self.rpn.forward_train(features, sizes, (Hp, Wp), [t["boxes"] for t in instances])
+        # 4. box and mask losses on sampled proposals (gt boxes appended)
+        heads = self.roi_heads.forward_train(features, [p["boxes"] for p in proposals], sizes, instances)
+        losses.update(loss_rpn_cls=rpn["loss_objectness"], loss_rpn_loc=rpn["loss_rpn_box_reg"],
+                      loss_cls=heads["loss_classifier"], loss_box_reg=heads["loss_box_reg"],
+                      loss_mask=heads["loss_mask"])
+        return losses
 
     @inference
     def predict(self, images) -> list[dict]:
@@ -139,6 +180,31 @@ class PanopticFPN(nn.Module):
             bgr = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1]).astype("float32")).permute(2, 0, 1)
             results.extend(self([{"image": bgr.to(self.pixel_mean.device), "height": h, "width": w}]))
         return results
+
+
+def check_training_inputs(batch: list[dict]) -> None:
+    """Clear errors for a train-mode batch without its targets (ValueError, as torchvision's train mode)."""
+    if not isinstance(batch, (list, tuple)) or not batch:
+        raise ValueError("expected a non-empty list of {'image', 'instances', 'sem_seg'} dicts")
+    for i, item in enumerate(batch):
+        missing = [k for k in ("image", "instances", "sem_seg") if not isinstance(item, dict) or k not in item]
+        if missing:
+            raise ValueError(f"in train mode each input needs 'image', 'instances' and 'sem_seg'; input {i} lacks "
+                             f"{missing}")
+        sem_seg, shape = item["sem_seg"], tuple(item["image"].shape[-2:])
+        if not isinstance(sem_seg, torch.Tensor) or tuple(sem_seg.shape) != shape:
+            raise ValueError(f"input {i}: sem_seg must be a Tensor{list(shape)} (the image's size), got "
+                             f"{tuple(sem_seg.shape) if isinstance(sem_seg, torch.Tensor) else type(sem_seg).__name__}")
+    check_targets([item["image"] for item in batch], [item["instances"] for item in batch])
+
+
+def freeze_stages(backbone: ResNet, freeze_at: int) -> None:
+    """detectron2 ResNet.freeze(freeze_at): requires_grad False on the stem (freeze_at >= 1) and on the residual
+    stages res2..res{freeze_at} (minseg's layer1..layer{freeze_at - 1}); its norms are frozen already."""
+    frozen = (["conv1.", "bn1."] if freeze_at >= 1 else []) + [f"layer{k}." for k in range(1, freeze_at)]
+    for name, p in backbone.named_parameters():
+        if name.startswith(tuple(frozen)):
+            p.requires_grad_(False)
 
 
 def _pil_bilinear():
@@ -188,24 +254,32 @@ DETECTRON2_FPN = FPNConfig(upsample="scale2")                  # interpolate(sca
 def detectron2_rpn() -> RPN:
     cfg = RPNConfig(decode_per_level=True, objectness="logits", score_thresh=None,  # NMS on raw logits, no threshold
                     min_size=0.0, min_size_strict=True,                            # keep boxes with w > 0 and h > 0
-                    drop_nonfinite=True)
-    # exact anchors at strides 4..64 (sizes 32..512, one per level), deltas unweighted
+                    drop_nonfinite=True,
+                    post_nms_top_n_train=1000,                                     # POST_NMS_TOPK_TRAIN, per image
+                    smooth_l1_beta=0.0, loss_normalizer="batch_size")              # L1; sums / (256 * N)
+    # exact anchors at strides 4..64 (sizes 32..512, one per level), deltas unweighted; matcher and sampler as
+    # torchvision's (IoU 0.3 / 0.7 with low-quality matches; 256 anchors, half positive)
     return RPN(cfg, DefaultAnchorGenerator(), Box2BoxTransform((1.0, 1.0, 1.0, 1.0)))
 
 
 def detectron2_roi_heads(num_classes: int) -> RoIHeads:
     cfg = RoIHeadsConfig(num_classes=num_classes, background="last",
-                         min_size=None, drop_nonfinite=True)                     # no small-box removal
+                         min_size=None, drop_nonfinite=True,                     # no small-box removal
+                         smooth_l1_beta=0.0,                                     # L1 box loss
+                         mask_target_aligned=True, mask_target_threshold=0.5)    # BitMasks.crop_and_resize
     # ROIAlignV2 (aligned, adaptive sampling) at fixed scales, detectron2's level rule
     pool = dict(aligned=True, level_rule=assign_levels_detectron2, scales=[1 / 4, 1 / 8, 1 / 16, 1 / 32])
     levels = ["p2", "p3", "p4", "p5"]
+    # 512 proposals per image, a quarter positive at most; background label K, samples kept in randperm order
+    sampler = BalancedSampler(512, 0.25, background_label=num_classes, sort=False)
     return RoIHeads(cfg, MultiScaleRoIAlign(levels, 7, 0, **pool), MultiScaleRoIAlign(levels, 14, 0, **pool),
-                    Box2BoxTransform((10.0, 10.0, 5.0, 5.0)))
+                    Box2BoxTransform((10.0, 10.0, 5.0, 5.0)), sampler=sampler)
 
 
 def panoptic_fpn(cfg: PanopticFPNConfig) -> PanopticFPN:
     backbone = ResNet(resnet_config(cfg.depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
                                     out_features=("c2", "c3", "c4", "c5")))
+    freeze_stages(backbone, cfg.freeze_at)
     return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(cfg.num_classes),
                        SemSegFPNHead(SemSegFPNConfig(num_classes=cfg.num_sem_seg_classes)))
 

@@ -11,8 +11,9 @@ class FrozenBatchNorm2d(nn.Module):
 
     Two originals compute the same normalisation in two float orders, and parity needs each one:
       arithmetic="affine":     x * scale + shift, scale = w * rsqrt(var + eps)  (torchvision.ops.misc)
-      arithmetic="batch_norm": F.batch_norm(x, mean, var, w, b, eps)           (detectron2 layers/batch_norm.py
-                               under no_grad, where it calls the fused op)
+      arithmetic="batch_norm": F.batch_norm(x, mean, var, w, b, eps) when x needs no gradient, the affine form
+                               when it does (detectron2 layers/batch_norm.py: it picks by x.requires_grad, so in
+                               training the frozen stem and res2 take the fused op and res3..res5 the affine one)
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, arithmetic: str = "affine"):
@@ -32,7 +33,7 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.arithmetic == "batch_norm":
+        if self.arithmetic == "batch_norm" and not x.requires_grad:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
@@ -43,8 +44,8 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 def make_norm(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
-    """'bn' -> nn.BatchNorm2d, 'frozen' -> FrozenBatchNorm2d (affine), 'frozen_bn' -> FrozenBatchNorm2d via F.batch_norm,
-    'gn' -> GroupNorm(32)."""
+    """'bn' -> nn.BatchNorm2d, 'frozen' -> FrozenBatchNorm2d (affine), 'frozen_bn' -> FrozenBatchNorm2d via F.batch_norm
+    (detectron2's choice), 'gn' -> GroupNorm(32)."""
     if kind == "bn":
         return nn.BatchNorm2d(channels, eps=eps)
     if kind == "frozen":
