@@ -29,11 +29,12 @@ import torch
 import minseg
 import minseg.heads.roi_heads as roi_heads_module
 from minseg.convert.detectron2 import rename_detectron2
-from minseg_ref.common import fixture_dir
+from minseg_ref.common import ParityRow, fixture_dir
 from minseg_ref.parity_panoptic import convert_synthetic, read_keys, synthetic_state
 
 FIXTURE = "panoptic_fpn_R_50_train"
 MODEL = "panoptic_fpn_resnet50"
+ORIGINAL = "detectron2 training-step fixture"
 SEED = 1234
 LOSS_TOLERANCE = 1e-5   # relative, per loss
 PROJ_TOLERANCE = 1e-3   # |projection difference| / gradient norm
@@ -258,6 +259,41 @@ def tolerance(name: str) -> float:
 def failures(report: dict[str, float]) -> list[str]:
     return [f"{name}: {value:.3g} > {tolerance(name):g}" for name, value in report.items()
             if not 0 <= value <= tolerance(name)]
+
+
+def check() -> ParityRow:
+    """The `panoptic_fpn_resnet50:train` row of `minseg parity`: worst float difference (relative, as compare()
+    measures each), and whether every loss, sample and gradient is within its tolerance."""
+    torch.set_num_threads(2)  # the recording's
+    fx, meta = load_fixture()
+    step = run_step(build_model(meta), fx)
+    report = compare(step, fx)
+    floats = [v for k, v in report.items() if tolerance(k) > 0]
+    loss_abs = max(abs(v.item() - fx[f"train.loss.{k}"].item()) for k, v in step.losses.items())
+    bitwise = all(torch.equal(v, fx[f"train.loss.{k}"]) for k, v in step.losses.items())
+    bad = failures(report)
+    detail = (f"train step: 6 losses ({'bitwise' if bitwise else 'not bitwise'}), sampled anchors/proposals, "
+              f"{len(step.grads)} gradients (norm, projection), 12 full head gradients"
+              + (f"; {len(bad)} out of tolerance, e.g. {bad[0]}" if bad else ""))
+    return ParityRow(f"{MODEL} (train)", ORIGINAL, loss_abs, max(floats), not bad, detail)
+
+
+def train_steps(arch: str, device: str) -> dict:
+    """{"ours": one training step (forward in train mode, the six losses, backward) on the recorded batch}, for
+    `minseg bench --train`; detectron2 cannot run here."""
+    fx, meta = load_fixture()
+    if arch != MODEL:
+        raise ValueError(f"the recorded training step is {MODEL}'s, not {arch}'s")
+    model = build_model(meta).to(device)
+    batch = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in item.items()} for item in make_batch(fx)]
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():  # the bench harness calls us under inference_mode
+            model.zero_grad(set_to_none=True)
+            total = sum(model(batch).values())
+            total.backward()
+        return total.detach()
+    return {"ours": step}
 
 
 def main() -> int:

@@ -146,3 +146,12 @@ def check(name: str) -> ParityRow:
 
 CHECKS = {f"{name}:train": ("torchvision" if name != "unet_resnet34" else "smp + smp.losses", lambda name=name: check(name))
           for name in TRAIN_NAMES}
+
+
+def panoptic_check() -> ParityRow:  # against detectron2's recorded training step: minseg_ref/parity_panoptic_train.py
+    from minseg_ref.parity_panoptic_train import check as panoptic
+
+    return panoptic()
+
+
+CHECKS["panoptic_fpn_resnet50:train"] = ("detectron2 training-step fixture", panoptic_check)
