@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from minseg.backbones.resnet import ResNet, resnet_config
+from minseg.heads.matching import BalancedSampler
 from minseg.heads.panoptic_fusion import FusionConfig, combine_semantic_and_instances
 from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
-from minseg.heads.matching import BalancedSampler
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead, sem_seg_loss
 from minseg.models._inputs import check_image_list
 from minseg.models._options import (MAX_CLASSES, MAX_SIDE, check_float, check_floats, check_int, set_checked,
