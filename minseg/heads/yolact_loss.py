@@ -153,15 +153,22 @@ def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         return F.interpolate(masks[None].float(), size, mode="bilinear", align_corners=False)[0].gt(0.5).float()
 
 
-def semantic_loss(segm: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """semantic_segmentation_loss for one image: logits Tensor[C-1, h, w], object masks Tensor[K, S, S], labels
-    Tensor[K] -> BCE-with-logits summed over classes and pixels, against the union per class of the masks bilinearly
-    resized to h x w and > 0.5."""
-    target = torch.zeros_like(segm)
+def semantic_target(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> torch.Tensor:
+    """Object masks Tensor[K, S, S] and labels Tensor[K] -> Tensor[num_classes, h, w] 0/1: per class the union of
+    its masks, each bilinearly resized to (h, w) and > 0.5."""
+    target = masks.new_zeros(num_classes, *size, dtype=torch.float32)
     if masks.shape[0] > 0:
-        down = downsample_masks(masks, segm.shape[-2:])  # (K, h, w)
+        down = downsample_masks(masks, size)  # (K, h, w)
         for k, c in enumerate(labels.tolist()):
             target[c] = torch.maximum(target[c], down[k])
+    return target
+
+
+def semantic_loss(segm: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """semantic_segmentation_loss for one image: logits Tensor[C-1, h, w], object masks Tensor[K, S, S], labels
+    Tensor[K] -> BCE-with-logits against semantic_target, summed over classes and pixels."""
+    C, h, w = segm.shape
+    target = semantic_target(masks, labels, C, (h, w)).to(segm)
     return F.binary_cross_entropy_with_logits(segm, target, reduction="sum")
 
 
