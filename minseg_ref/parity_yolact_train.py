@@ -215,7 +215,7 @@ def check() -> ParityRow:
     floats = [c for c in checks if not c.exact]
     worst = max(floats, key=lambda c: c.error / c.limit)
     detail = (f"train step: {len(checks)} checks (4 losses, 89 gradients, matching, OHEM, mask subsample, BN), "
-              ("all bitwise equal" if same else f"worst {worst.name} {worst.error:.1e}")
+              + ("all bitwise equal" if same else f"worst {worst.name} {worst.error:.1e}")
               + (f"; FAIL: {', '.join(failed[:5])}" if failed else ""))
     return ParityRow("yolact_resnet50 (train)", ORIGINAL, float("nan"), max(c.error for c in floats if c.limit == LOSS_TOL),
                      not failed, detail)
