@@ -223,6 +223,27 @@ def check() -> ParityRow:
 
 CHECKS = {"yolact_resnet50:train": (ORIGINAL, check)}
 
+
+def train_steps(device: str) -> dict:
+    """{"ours": one training step (forward, the four losses, backward, SGD with momentum and weight decay) on the
+    recorded batch with the fixture's weights}, for `minseg bench --train`; the original cannot run here."""
+    fixture = load_fixture()
+    fx, meta, _ = fixture
+    model = build_train_model(fixture)[0].to(device)
+    x = fx["train.x"].to(device)
+    targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets_of(fx)]
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+    def step() -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():  # the bench harness calls us under inference_mode
+            torch.manual_seed(meta["seed"])
+            loss = sum(model.loss(model(x), targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.detach()
+    return {"ours": step}
+
 if __name__ == "__main__":  # every check, one line each
     torch.set_num_threads(2)
     checks = run()
