@@ -8,7 +8,8 @@ minseg_ref/bench_maskrcnn_train.py's. YOLACT's (the four losses, backward, SGD o
 minseg_ref/parity_yolact_train.py's, timed alone: its original cannot run here. Timing and peak memory come from
 minseg_ref/bench.py's compare_sides (ours_only for YOLACT) unchanged: it calls each side under
 torch.inference_mode, so a step turns inference mode back off inside itself. The CPU peak is then the resident-set
-high-water mark of one step beyond the resident set before it (weights, gradients of the previous step, optimizer state already there), each side alone in a fresh process.
+high-water mark of one step beyond the resident set before it (weights, gradients of the previous step, optimizer
+state already there), each side alone in a fresh process.
 """
 from __future__ import annotations
 
