@@ -133,6 +133,12 @@ def masks_to_train_subsample(num_pos: int, masks_to_train: int) -> torch.Tensor:
     return torch.arange(num_pos)
 
 
+def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Object masks Tensor[K, S, S] -> Tensor[K, h, w] float 0/1: bilinear (align_corners=False), then > 0.5."""
+    with torch.no_grad():
+        return F.interpolate(masks[None].float(), size, mode="bilinear", align_corners=False)[0].gt(0.5).float()
+
+
 def mask_loss(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """lincomb_mask_loss for one image's trained positives: prototypes Tensor[h, w, k], coefficients Tensor[m, k],
     their gt boxes Tensor[m, 4] (boxes_rel) and gt masks Tensor[h, w, m] (0/1 at the prototypes' size) ->
@@ -147,10 +153,18 @@ def mask_loss(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, ta
     return loss.sum(dim=(0, 1)) / box_w / box_h * (h * w)
 
 
-def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Object masks Tensor[K, S, S] -> Tensor[K, h, w] float 0/1: bilinear (align_corners=False), then > 0.5."""
-    with torch.no_grad():
-        return F.interpolate(masks[None].float(), size, mode="bilinear", align_corners=False)[0].gt(0.5).float()
+def image_mask_loss(proto: torch.Tensor, coeffs: torch.Tensor, positives: torch.Tensor, gt_index: torch.Tensor,
+                    gt_box: torch.Tensor, masks: torch.Tensor, masks_to_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """lincomb_mask_loss's per-image step: prototypes Tensor[h, w, k], coefficients Tensor[P, k], the positive
+    priors Tensor[n] (in prior order), gt_index / gt_box of every prior, the object masks Tensor[K, S, S] ->
+    (mask_loss of the trained positives Tensor[m], scaled by n / m when subsampled; those priors Tensor[m])."""
+    h, w, _ = proto.shape
+    used = positives[masks_to_train_subsample(len(positives), masks_to_train).to(positives.device)]
+    targets = downsample_masks(masks, (h, w)).permute(1, 2, 0).contiguous()[:, :, gt_index[used]]  # (h, w, m)
+    loss = mask_loss(proto, coeffs[used], gt_box[used], targets)
+    if len(used) < len(positives):
+        loss = loss * (len(positives) / len(used))
+    return loss, used
 
 
 def semantic_target(masks: torch.Tensor, labels: torch.Tensor, num_classes: int, size: tuple[int, int]) -> torch.Tensor:
@@ -225,16 +239,11 @@ def yolact_loss(out: dict[str, torch.Tensor], targets: list[dict], cfg: YolactLo
     h, w = proto.shape[1:3]
     loss_m = proto.new_zeros(())
     for b, (_, _, masks) in enumerate(t.objects):
-        priors_b = pos[b].nonzero()[:, 0]  # the positives, in prior order
-        if len(priors_b) == 0:
-            continue
-        priors_b = priors_b[masks_to_train_subsample(len(priors_b), cfg.masks_to_train).to(priors_b.device)]
-        gt = t.gt_index[b, priors_b]
-        per_mask = mask_loss(proto[b], coeffs[b, priors_b], t.gt_box[b, priors_b],
-                             downsample_masks(masks, (h, w)).permute(1, 2, 0).contiguous()[:, :, gt])  # (h, w, m)
-        if len(priors_b) < pos[b].sum():
-            per_mask = per_mask * (int(pos[b].sum()) / len(priors_b))
-        loss_m = loss_m + per_mask.sum()
+        positives = pos[b].nonzero()[:, 0]
+        if len(positives) > 0:  # an image without positives draws no subsample, as in the original
+            per_mask, _ = image_mask_loss(proto[b], coeffs[b], positives, t.gt_index[b], t.gt_box[b], masks,
+                                          cfg.masks_to_train)
+            loss_m = loss_m + per_mask.sum()
     losses["mask"] = loss_m * cfg.mask_alpha / h / w
     # classes: positives and the hard negatives
     neg = hard_negatives(mining_loss(conf), t.labels, cfg.negpos_ratio)
