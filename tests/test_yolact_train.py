@@ -120,6 +120,18 @@ def test_train_outputs_and_frozen_bn(small_x):
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert len(bns) == 53 and not any(m.training or m.weight.requires_grad or m.bias.requires_grad for m in bns)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # the loss on a real forward, in float32 also under autocast (bitwise the same)
+    mask = torch.zeros(2, 96, 96)
+    mask[0, 10:50, 20:70], mask[1, 40:90, 0:60] = 1, 1
+    targets = [{"boxes": torch.tensor([[20 / 96, 10 / 96, 70 / 96, 50 / 96], [0, 40 / 96, 60 / 96, 90 / 96]]),
+                "labels": torch.tensor([3, -1]), "masks": mask, "num_crowds": 1}] * 2
+    losses = model.loss(out, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert {k: v.item() for k, v in model.loss(out, targets).items()} == {k: v.item() for k, v in losses.items()}
+    sum(losses.values()).backward()
+    assert model.head.conf.weight.grad.abs().sum() > 0 and model.semantic.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lacks num_crowds"):
+        model.loss(out, [{k: v for k, v in t.items() if k != "num_crowds"} for t in targets])
     model.eval()
     with torch.no_grad():
         eval_out = model(small_x)

@@ -232,6 +232,9 @@ def yolact_loss(out: dict[str, torch.Tensor], targets: list[dict], cfg: YolactLo
     N = loc.shape[0]
     if len(targets) != N:
         raise ValueError(f"got {len(targets)} targets for a batch of {N} images")
+    for i, t in enumerate(targets):
+        if missing := {"boxes", "labels", "masks", "num_crowds"} - set(t):
+            raise ValueError(f"target {i} lacks {', '.join(sorted(missing))}")
     t = match_batch(out["priors"], targets, cfg)
     pos = t.labels > 0
     losses = {"box": F.smooth_l1_loss(loc[pos], t.loc_t[pos], reduction="sum") * cfg.box_alpha}

@@ -144,7 +144,9 @@ class Yolact(nn.Module):
         MultiBoxLoss's B, M, C, S as train.py reduces them (minseg/heads/yolact_loss.py)."""
         if "segm" not in outputs:
             raise ValueError("loss() needs the train-mode outputs (call model.train() before the forward)")
-        return yolact_loss(outputs, targets, self.cfg.loss)
+        # float32 as the original (no-op in float32): binary_cross_entropy refuses autocast, and OHEM ranks by the loss
+        with torch.autocast(outputs["loc"].device.type, enabled=False):
+            return yolact_loss({k: v.float() for k, v in outputs.items()}, targets, self.cfg.loss)
 
     def detect(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The original's Detect: per image, decode, keep priors whose best foreground score > conf_thresh,
