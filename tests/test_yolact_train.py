@@ -200,10 +200,11 @@ def reference_match(priors_xyxy, truths, labels, crowds, cfg):
                 ov[jj][i] = -1
             ov[j] = [-1] * P
             best[i], idx[i] = 2, j
-        conf = [int(labels[idx[i]]) + 1 if best[i] >= cfg.pos_iou_thresh else (-1 if best[i] >= cfg.neg_iou_thresh else 0)
-                for i in range(P)]
+        conf = [int(labels[idx[i]]) + 1 if best[i] >= cfg.pos_iou_thresh else
+                (-1 if best[i] >= cfg.neg_iou_thresh else 0) for i in range(P)]
     for i in range(P):
-        if crowds.shape[0] and conf[i] <= 0 and max(iou32(p[i], c, crowd=True) for c in crowds.tolist()) > cfg.crowd_iou_thresh:
+        covered = max((iou32(p[i], c, crowd=True) for c in crowds.tolist()), default=0)
+        if conf[i] <= 0 and covered > cfg.crowd_iou_thresh:
             conf[i] = -1
     return conf, idx
 

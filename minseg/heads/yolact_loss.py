@@ -25,7 +25,7 @@ class YolactLossConfig:
     """MultiBoxLoss's arguments and the cfg values it reads (yolact_base_config's)."""
     pos_iou_thresh: float = 0.5     # positive_iou_threshold: best IoU >= this (or forced) -> positive
     neg_iou_thresh: float = 0.4     # negative_iou_threshold: best IoU < this -> background, in between neutral
-    crowd_iou_thresh: float = 0.7   # a non-positive prior covered by a crowd beyond this (inter / prior area) -> neutral
+    crowd_iou_thresh: float = 0.7   # a non-positive prior covered by a crowd beyond this (inter / its area): neutral
     negpos_ratio: int = 3           # ohem_negpos_ratio: hard negatives per positive, per image
     masks_to_train: int = 100       # positives per image that train a mask (a random subsample beyond)
     box_alpha: float = 1.5          # bbox_alpha
@@ -154,7 +154,8 @@ def mask_loss(proto: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor, ta
 
 
 def image_mask_loss(proto: torch.Tensor, coeffs: torch.Tensor, positives: torch.Tensor, gt_index: torch.Tensor,
-                    gt_box: torch.Tensor, masks: torch.Tensor, masks_to_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    gt_box: torch.Tensor, masks: torch.Tensor,
+                    masks_to_train: int) -> tuple[torch.Tensor, torch.Tensor]:
     """lincomb_mask_loss's per-image step: prototypes Tensor[h, w, k], coefficients Tensor[P, k], the positive
     priors Tensor[n] (in prior order), gt_index / gt_box of every prior, the object masks Tensor[K, S, S] ->
     (mask_loss of the trained positives Tensor[m], scaled by n / m when subsampled; those priors Tensor[m])."""

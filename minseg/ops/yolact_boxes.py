@@ -59,7 +59,8 @@ def decode_yolact(loc: torch.Tensor, priors_cxcywh: torch.Tensor, variances: tup
 
 def priors_to_xyxy(priors_cxcywh: torch.Tensor) -> torch.Tensor:
     """Tensor[P, 4] (cx, cy, w, h) -> Tensor[P, 4] (x1, y1, x2, y2), as box_utils.py point_form (cx - w / 2)."""
-    return torch.cat([priors_cxcywh[:, :2] - priors_cxcywh[:, 2:] / 2, priors_cxcywh[:, :2] + priors_cxcywh[:, 2:] / 2], 1)
+    cxcy, wh = priors_cxcywh[:, :2], priors_cxcywh[:, 2:]
+    return torch.cat([cxcy - wh / 2, cxcy + wh / 2], 1)
 
 
 def encode_yolact(boxes_rel: torch.Tensor, priors_cxcywh: torch.Tensor,
