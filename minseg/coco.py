@@ -7,19 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from minseg.data.rle import encode as mask_to_rle  # Tensor[H, W] bool -> uncompressed RLE
+
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
-
-
-def mask_to_rle(mask: torch.Tensor) -> dict:
-    """Bool Tensor[H, W] -> COCO uncompressed RLE: run lengths in column-major order, starting with zeros."""
-    H, W = mask.shape
-    flat = mask.t().reshape(-1).to(torch.uint8)             # (W*H,) column-major, as COCO stores masks
-    change = torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1
-    edges = torch.cat([torch.tensor([0]), change, torch.tensor([flat.numel()])])
-    counts = (edges[1:] - edges[:-1]).tolist()
-    if flat.numel() and flat[0] == 1:
-        counts = [0] + counts
-    return {"size": [int(H), int(W)], "counts": counts}
 
 
 def to_coco_results(outputs: list[dict], image_ids: list[int], category_ids: list[int]) -> list[dict]:
