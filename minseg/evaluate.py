@@ -36,7 +36,9 @@ def start_distributed(device: str) -> tuple[int, int]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # nccl gathers objects on this device
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -259,6 +261,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available here")
     kind = KIND_OF_FAMILY[family(args.model)]
     dataset = open_dataset(args.data, split=args.split)  # the layout and the json are checked here
     if kind == "instances" and dataset.kind == "instances":

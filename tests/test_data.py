@@ -101,8 +101,9 @@ def test_semantic_and_voc(tmp_path):
 
 
 def test_label_maps():
-    categories = [{"id": 1, "isthing": 1}, {"id": 3, "isthing": 1}, {"id": 7, "isthing": 1},
-                  {"id": 10, "isthing": 0}, {"id": 20, "isthing": 0}]
+    """Contiguous labels follow increasing ids whatever the json's order (detectron2 sorts them)."""
+    categories = [{"id": 20, "isthing": 0}, {"id": 7, "isthing": 1}, {"id": 1, "isthing": 1},
+                  {"id": 10, "isthing": 0}, {"id": 3, "isthing": 1}]
     ids, crowd = torch.tensor([7, 1, 3]), torch.tensor([False, False, True])
     assert label_map("maskrcnn_resnet50_fpn", categories).to_labels(ids).tolist() == [7, 1, 3]
     assert label_map("panoptic_fpn_resnet50", categories).to_labels(ids, crowd).tolist() == [2, 0, 1]
@@ -114,8 +115,7 @@ def test_label_maps():
 
 
 def _bad_semantic(root):
-    write_semantic(root, n=2, num_classes=3)
-    return root
+    return write_semantic(root, n=2, num_classes=3)
 
 
 def _break(root, kind):

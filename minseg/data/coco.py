@@ -124,7 +124,7 @@ class CocoPanoptic:
     """Items in image-id order: the instance fields for the thing segments (crowds included, flagged), plus
     {"panoptic" int64[H,W] segment ids (0 = void), "segments" (the json's segments_info, each with "isthing"),
     "sem_seg" int64[H,W]}: detectron2's Panoptic FPN target (prepare_panoptic_fpn.py), 0 for every thing pixel,
-    1..S for the stuff categories in category order, 255 for void."""
+    1..S for the stuff categories in increasing id order, 255 for void."""
 
     kind = "panoptic"
 
@@ -152,8 +152,8 @@ class CocoPanoptic:
         if missing:
             raise DataError(f"{self.json_file}: image {missing[0]} has no annotation (no panoptic PNG)")
         self.isthing = {c["id"]: bool(c["isthing"]) for c in self.categories}
-        stuff = [c["id"] for c in self.categories if not c["isthing"]]
-        self.stuff_label = {cid: i + 1 for i, cid in enumerate(stuff)}  # 0 is "any thing"
+        stuff = sorted(c["id"] for c in self.categories if not c["isthing"])
+        self.stuff_label = {cid: i + 1 for i, cid in enumerate(stuff)}  # 0 is "any thing"; ids in increasing order
         self.ids = sorted(self.images)
 
     def __len__(self) -> int:
