@@ -112,12 +112,12 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Bool Tensor[K, H, W] -> Tensor[K, 4] xyxy enclosing each mask (pixel edges: a one-pixel mask is 1 wide);
     zeros for an empty mask."""
     K, H, W = masks.shape
-    boxes = torch.zeros(K, 4)
-    for k in range(K):
-        ys, xs = torch.nonzero(masks[k], as_tuple=True)
-        if len(xs):
-            boxes[k] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-    return boxes
+    rows, cols = masks.any(2), masks.any(1)                   # (K, H), (K, W)
+    y0, x0 = rows.float().argmax(1), cols.float().argmax(1)    # first row / column holding the mask
+    y1 = H - rows.flip(1).float().argmax(1)                   # one past the last
+    x1 = W - cols.flip(1).float().argmax(1)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    return boxes * rows.any(1, keepdim=True)                  # empty masks: zeros
 
 
 class CocoPanoptic:
@@ -168,15 +168,15 @@ class CocoPanoptic:
         check_same_size(image, panoptic, png, path)
         segments = [{**s, "iscrowd": int(s.get("iscrowd", 0)), "isthing": int(self.isthing[s["category_id"]])}
                     for s in annotation["segments_info"]]
-        unknown = set(np.unique(panoptic).tolist()) - {s["id"] for s in segments} - {0}
+        ids, index = np.unique(panoptic, return_inverse=True)  # index: each pixel's position in ids
+        unknown = set(ids.tolist()) - {s["id"] for s in segments} - {0}
         if unknown:
             raise DataError(f"{png}: segment id {min(unknown)} is not in its segments_info")
+        label_of = {s["id"]: 0 if s["isthing"] else self.stuff_label[s["category_id"]] for s in segments}
+        sem_seg = torch.from_numpy(np.array([label_of.get(i, IGNORE) for i in ids.tolist()])[index.reshape(panoptic.shape)])
         panoptic = torch.from_numpy(panoptic)
-        sem_seg = torch.full_like(panoptic, IGNORE)
-        for s in segments:
-            sem_seg[panoptic == s["id"]] = 0 if s["isthing"] else self.stuff_label[s["category_id"]]
         things = [s for s in segments if s["isthing"]]
-        masks = torch.stack([panoptic == s["id"] for s in things]) if things else torch.zeros(0, *panoptic.shape, dtype=torch.bool)
+        masks = panoptic[None] == torch.tensor([s["id"] for s in things], dtype=torch.int64)[:, None, None]  # (K, H, W)
         target = {"boxes": mask_boxes(masks),
                   "category_ids": torch.tensor([s["category_id"] for s in things], dtype=torch.int64),
                   "masks": masks.to(torch.uint8),
