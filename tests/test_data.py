@@ -158,12 +158,12 @@ def _break(root, kind):
         return root / "annotations.json"
     if kind == "panoptic size":
         write_coco_panoptic(root, n=2)
-        Image.new("RGB", (5, 5)).save(root / "panoptic" / "0001.png")
-        return root / "panoptic" / "0001.png"
+        Image.new("RGB", (5, 5)).save(root / "panoptic" / "0000.png")
+        return root / "panoptic" / "0000.png"
     if kind == "panoptic id":
         write_coco_panoptic(root, n=2)
-        Image.new("RGB", (64, 48), (9, 0, 0)).save(root / "panoptic" / "0001.png")
-        return root / "panoptic" / "0001.png"
+        Image.new("RGB", (64, 48), (9, 0, 0)).save(root / "panoptic" / "0000.png")
+        return root / "panoptic" / "0000.png"
     if kind == "no layout":
         (root / "stuff").mkdir(parents=True)
         return root

@@ -225,24 +225,28 @@ def _problem_lines(err: str) -> list[str]:
     return [line for line in err.splitlines() if not line.startswith("eval: ")]  # progress lines aside
 
 
-@pytest.mark.parametrize("kind", BAD)
-@pytest.mark.parametrize("out_exists", [True, False])
-def test_bad_data_exits_2_naming_the_file(tmp_path, weights, capsys, kind, out_exists):
-    if not out_exists and kind not in ("label", "malformed json"):
-        pytest.skip("one per-item and one at-open case without an --out folder is enough")
+def check_refused(capsys, tmp_path, weights, kind, out):
     named = _break(tmp_path / "data", kind)
-    out = tmp_path / "out"
-    if out_exists:
-        out.mkdir()
-        (out / "metrics.json").write_text("earlier run")
-    code, stdout, err = run_eval(capsys, MODEL_FOR[kind], weights(MODEL_FOR[kind]), tmp_path / "data", out)
+    name = MODEL_FOR[kind]
+    code, stdout, err = run_eval(capsys, name, weights(name), tmp_path / "data", out)
     lines = _problem_lines(err)
-    assert code == 2 and len(lines) == 1 and str(named) in lines[0], err
-    assert stdout == ""
-    if out_exists:
-        assert os.listdir(out) == ["metrics.json"] and (out / "metrics.json").read_text() == "earlier run"
-    else:
-        assert not out.exists()
+    assert code == 2 and len(lines) == 1 and str(named) in lines[0] and stdout == "", err
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_data_exits_2_naming_the_file(tmp_path, weights, capsys, kind):
+    """--out holds an earlier run's file: it stays as it was."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("earlier run")
+    check_refused(capsys, tmp_path, weights, kind, out)
+    assert os.listdir(out) == ["metrics.json"] and (out / "metrics.json").read_text() == "earlier run"
+
+
+@pytest.mark.parametrize("kind", ["label", "malformed json"])  # refused per item, and at open
+def test_bad_data_creates_no_out_folder(tmp_path, weights, capsys, kind):
+    check_refused(capsys, tmp_path, weights, kind, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_pycocotools_is_one_line(tmp_path, weights, capsys, monkeypatch):
