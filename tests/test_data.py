@@ -183,3 +183,17 @@ def test_bad_data_names_the_file(tmp_path, kind):
             ds[i]
     message = str(e.value)
     assert message.startswith(str(named)) and "\n" not in message, message
+
+
+def test_splits(tmp_path):
+    """COCO's annotations/instances_SPLIT.json + SPLIT/, and a split subfolder for the other layouts."""
+    write_coco_instances(tmp_path / "made", n=2)
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "made" / "annotations.json").rename(tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    (tmp_path / "made" / "images").rename(tmp_path / "coco" / "val2017")
+    ds = open_dataset(tmp_path / "coco", split="val2017")
+    assert ds.kind == "instances" and len(ds) == 2 and ds[1][2]["file"].endswith("val2017/0001.png")
+    write_semantic(tmp_path / "folder" / "train", n=2)
+    assert len(open_dataset(tmp_path / "folder", split="train")) == 2
+    with pytest.raises(DataError, match="expected one of"):
+        open_dataset(tmp_path / "coco", split="train2017")
