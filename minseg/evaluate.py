@@ -255,7 +255,9 @@ def main(args) -> int:
 def run(args) -> int:
     import minseg
     from minseg.data import open_dataset
+    from minseg.registry import check_name
 
+    check_name(args.model)  # before reading a dataset that may be large
     if args.weights is not None and not Path(args.weights).is_file():
         raise ValueError(f"{args.weights}: no such weights file")
     out = Path(args.out) if args.out else None
