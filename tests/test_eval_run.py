@@ -197,7 +197,7 @@ def test_panoptic_pq_matches_brute_force(tmp_path, weights):
         assert metrics[group]["pq"] == pytest.approx(np.mean(values) if values else 0.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("name", ["maskrcnn_resnet50_fpn", "panoptic_fpn_resnet50"])
+@pytest.mark.parametrize("name", ["unet_resnet34", "maskrcnn_resnet50_fpn", "panoptic_fpn_resnet50"])
 def test_two_processes_print_the_one_process_numbers(tmp_path, weights, name):
     """torchrun --nproc_per_node 2 (gloo): rank 0 takes images 0 and 2, rank 1 image 1; the records are gathered
     back into dataset order, so stdout and the written files are byte for byte those of one process."""
