@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "instances or COCO panoptic")
     p.add_argument("--split", help="VOC's ImageSets/Segmentation/SPLIT.txt (default val), COCO's "
                    "annotations/instances_SPLIT.json, or a subfolder")
-    p.add_argument("--out", metavar="DIR", help="write metrics.json (and predictions.json for instance models) here, "
-                   "atomically; nothing is written if the run fails")
+    p.add_argument("--out", default="out", metavar="DIR", help="write metrics.json (and predictions.json for "
+                   "instance models) here (default: ./out), atomically; nothing is written if the run fails")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cpu (default) or cuda (under torchrun: each process the GPU of its LOCAL_RANK)")
     p.set_defaults(func=cmd_eval)
