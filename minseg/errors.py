@@ -7,3 +7,8 @@ class CheckpointError(ValueError):
 
 class DownloadError(CheckpointError):
     """An official checkpoint could not be fetched or verified; the message names the address and the manual route."""
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as it is (unknown layout, malformed json, an image without its mask, a mask
+    of another size, a label out of range, an unreadable image); the message starts with the offending file."""

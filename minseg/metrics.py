@@ -2,8 +2,11 @@
 
 PQ follows Kirillov et al. 2019 (and panopticapi's pq_compute): a predicted and a ground-truth segment of
 the same category match when their IoU > 0.5, where void pixels (`void_label` in the ground truth) are
-removed from the prediction's area; predicted segments that are more than half void are not false
-positives. PQ = sum(IoU of matches) / (TP + FP/2 + FN/2), per category, then averaged.
+removed from the prediction's area. Crowd ground-truth segments match nothing and are not false negatives; an
+unmatched prediction more than half inside void plus the crowd region of its own category is not a false
+positive. PQ = sum(IoU of matches) / (TP + FP/2 + FN/2), per category, then averaged over the categories
+that occur. Checked once against panopticapi's own pq_compute (cocodataset/panopticapi, not a package here) on
+3 x 12 generated images with crowds, void, split and relabelled segments: PQ/SQ/RQ and per-class PQ equal to 1e-12.
 """
 from __future__ import annotations
 
@@ -27,28 +30,30 @@ def mean_iou(confusion: torch.Tensor) -> dict[str, torch.Tensor | float]:
 
 
 def panoptic_stats(pred: torch.Tensor, pred_categories: dict[int, int], target: torch.Tensor,
-                   target_categories: dict[int, int], void_id: int = 0) -> dict[int, dict]:
+                   target_categories: dict[int, int], void_id: int = 0,
+                   target_crowds: frozenset[int] | set[int] = frozenset()) -> dict[int, dict]:
     """Per-category matching statistics of ONE image: {category: {"iou": sum of matched IoUs, "tp", "fp", "fn"}}.
 
     pred, target: Tensor[H, W] integer segment ids; `*_categories` map segment id -> category. Segment id
-    `void_id` is void (not a segment) in both.
+    `void_id` is void (not a segment) in both. `target_crowds`: the ids of crowd segments in `target`.
+    Follows panopticapi's pq_compute_single_core, including its one crowd region per category (the last
+    listed in `target_categories` wins).
     """
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     big = int(max(pred.max().item(), target.max().item())) + 1
     # joint histogram of (target id, pred id): the intersection of every pair of segments
     pairs, inter = torch.unique(target * big + pred, return_counts=True)
-    t_ids, p_ids = pairs // big, pairs % big
+    overlap = {(t, p): n for t, p, n in zip((pairs // big).tolist(), (pairs % big).tolist(), inter.tolist())}
     t_area = dict(zip(*[v.tolist() for v in torch.unique(target, return_counts=True)]))
     p_area = dict(zip(*[v.tolist() for v in torch.unique(pred, return_counts=True)]))
-    p_void = {int(p): int(n) for t, p, n in zip(t_ids.tolist(), p_ids.tolist(), inter.tolist()) if t == void_id}
 
     stats: dict[int, dict] = {}
     entry = lambda c: stats.setdefault(c, {"iou": 0.0, "tp": 0, "fp": 0, "fn": 0})
     matched_t, matched_p = set(), set()
-    for t, p, n in zip(t_ids.tolist(), p_ids.tolist(), inter.tolist()):
-        if t == void_id or p == void_id or target_categories[t] != pred_categories[p]:
+    for (t, p), n in overlap.items():
+        if t == void_id or p == void_id or t in target_crowds or target_categories[t] != pred_categories[p]:
             continue
-        union = t_area[t] + p_area[p] - n - p_void.get(p, 0)
+        union = t_area[t] + p_area[p] - n - overlap.get((void_id, p), 0)
         iou = n / union
         if iou > 0.5:
             s = entry(target_categories[t])
@@ -56,11 +61,22 @@ def panoptic_stats(pred: torch.Tensor, pred_categories: dict[int, int], target: 
             s["tp"] += 1
             matched_t.add(t)
             matched_p.add(p)
-    for t in t_area:
-        if t != void_id and t not in matched_t:
-            entry(target_categories[t])["fn"] += 1
+    crowd_of = {}  # category -> its crowd segment
+    for t, category in target_categories.items():
+        if t == void_id or t not in t_area or t in matched_t:
+            continue
+        if t in target_crowds:
+            crowd_of[category] = t
+        else:
+            entry(category)["fn"] += 1
     for p in p_area:
-        if p != void_id and p not in matched_p and p_void.get(p, 0) / p_area[p] <= 0.5:
+        if p == void_id or p in matched_p:
+            continue
+        ignored = overlap.get((void_id, p), 0)  # its pixels on void, plus on a crowd of its own category
+        crowd = crowd_of.get(pred_categories[p])
+        if crowd is not None:
+            ignored += overlap.get((crowd, p), 0)
+        if ignored / p_area[p] <= 0.5:
             entry(pred_categories[p])["fp"] += 1
 
     return stats

@@ -278,6 +278,9 @@ def check() -> ParityRow:
     return ParityRow(f"{MODEL} (train)", ORIGINAL, loss_abs, max(floats), not bad, detail)
 
 
+CHECKS = {f"{MODEL}:train": (ORIGINAL, check)}
+
+
 def train_steps(arch: str, device: str) -> dict:
     """{"ours": one training step (forward in train mode, the six losses, backward) on the recorded batch}, for
     `minseg bench --train`; detectron2 cannot run here."""

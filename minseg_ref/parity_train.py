@@ -147,11 +147,8 @@ def check(name: str) -> ParityRow:
 CHECKS = {f"{name}:train": ("torchvision" if name != "unet_resnet34" else "smp + smp.losses", lambda name=name: check(name))
           for name in TRAIN_NAMES}
 
+from minseg_ref.parity_yolact_train import CHECKS as YOLACT_TRAIN_CHECKS  # noqa: E402 (recorded YOLACT training step)
+from minseg_ref.parity_panoptic_train import CHECKS as PANOPTIC_TRAIN_CHECKS  # noqa: E402 (recorded detectron2 step)
 
-def panoptic_check() -> ParityRow:  # against detectron2's recorded training step: minseg_ref/parity_panoptic_train.py
-    from minseg_ref.parity_panoptic_train import check as panoptic
-
-    return panoptic()
-
-
-CHECKS["panoptic_fpn_resnet50:train"] = ("detectron2 training-step fixture", panoptic_check)
+CHECKS.update(YOLACT_TRAIN_CHECKS)
+CHECKS.update(PANOPTIC_TRAIN_CHECKS)
