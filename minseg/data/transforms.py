@@ -87,7 +87,8 @@ def crop(image: torch.Tensor, target: Target, top: int, left: int, h: int, w: in
             target[key] = target[key][..., top:top + h, left:left + w]
     if "boxes" in target:
         shifted = target["boxes"] - torch.tensor([left, top, left, top], dtype=target["boxes"].dtype)
-        target["boxes"] = torch.stack([shifted[:, 0::2].clamp(0, w), shifted[:, 1::2].clamp(0, h)], -1)[:, [0, 2, 1, 3]]
+        xs, ys = shifted[:, 0::2].clamp(0, w), shifted[:, 1::2].clamp(0, h)  # (K, 2) each
+        target["boxes"] = torch.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], -1)
     return image[:, top:top + h, left:left + w], target
 
 
