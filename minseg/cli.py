@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_positive_int, metavar="S", help="the recipe's base size (semantic 520, "
                    "U-Net crop 320, Mask R-CNN / Panoptic FPN shorter side 800; YOLACT uses its model's)")
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm as a frozen affine map (running statistics, no gradient)")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false", help="dropout layers off (eval mode)")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (CUDA only, a torch limit)")
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines (default 10)")
     p.add_argument("--save-every", type=_positive_int, default=1000, help="steps between saves (default 1000; also at the end)")

@@ -50,6 +50,7 @@ class Settings:
     augment: bool = True
     image_size: int | None = None
     freeze_bn: bool = False
+    dropout: bool = True
     sync_bn: bool = False
     log_every: int = 10
     save_every: int = 1000
@@ -66,9 +67,6 @@ class Augmented(torch.utils.data.Dataset):
         index, seed = key
         image, target, _ = self.dataset[index]
         return adapters.augment(self.recipe, image, target, torch.Generator().manual_seed(seed))
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
 
 def as_list(batch: list) -> list:
@@ -102,14 +100,15 @@ def epoch_batches(sampler: DistributedSampler, epoch: int, seed: int, batch: int
     sampler.set_epoch(epoch)
     indices = list(sampler)
     steps = len(indices) // batch
-    return [[(indices[p], sample_seed(seed, epoch, world.rank + world.size * p)) for p in range(b * batch, (b + 1) * batch)]
-            for b in range(first, steps)]
+    return [[(indices[p], sample_seed(seed, epoch, world.rank + world.size * p))
+             for p in range(b * batch, (b + 1) * batch)] for b in range(first, steps)]
 
 
 def digest(model: torch.nn.Module) -> str:
+    """sha256 of every parameter and buffer's bytes: equal exactly when the replicas are bitwise equal."""
     h = hashlib.sha256()
     for v in model.state_dict().values():
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -130,18 +129,20 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         if saved["config"]["model"] != s.model:
             raise CheckpointError(f"{out}: holds a {saved['config']['model']} run, not {s.model}")
         fields = {f.name for f in dataclasses.fields(Settings)}
-        settings = Settings(**{**{k: v for k, v in saved["config"].items() if k in fields}, "steps": s.steps, "epochs": s.epochs, "resume": True,
-                               "out": s.out, "data": s.data, "split": s.split, "device": s.device,
-                               "workers": s.workers, "log_every": s.log_every, "save_every": s.save_every,
-                               "check_replicas": s.check_replicas})
-        s, log = settings, read_jsonl(log_text, saved["step"])
+        kept = {k: v for k, v in saved["config"].items() if k in fields}  # the run's settings, as it began
+        now = {k: getattr(s, k) for k in ("data", "split", "device", "workers", "log_every", "save_every",
+                                          "check_replicas")}
+        length = {"steps": s.steps, "epochs": s.epochs} if s.steps or s.epochs else {"steps": saved["total"]}
+        s = Settings(**{**kept, **now, **length, "out": s.out, "resume": True})
+        log = read_jsonl(log_text, saved["step"])
     elif any((out / f).exists() for f in state.RUN_FILES):
         raise ValueError(f"{out}: already holds a training run; use --resume, or another --out")
 
     # 1. the dataset, every sample checked, before --out is touched
     dataset = open_dataset(s.data, split=s.split)
     if dataset.kind != adapters.DATASET_KIND[family]:
-        raise ValueError(f"{s.data}: a {dataset.kind} dataset; {s.model} trains on {adapters.DATASET_KIND[family]} data")
+        wanted = adapters.DATASET_KIND[family]
+        raise ValueError(f"{s.data}: a {dataset.kind} dataset; {s.model} trains on {wanted} data")
     needed = adapters.classes_needed(family, dataset.categories)
     overrides = dict(saved["config"]["overrides"]) if saved else {}
     if not saved and family == "semantic" and s.weights is None:
@@ -175,6 +176,10 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
                 m.requires_grad_(False)
+    if not s.dropout:  # dropout off (eval mode): a forward with no random draw
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+                m.eval()
     core = model
     model = distributed.wrap(model, world, s.sync_bn, find_unused=family not in ("semantic", "unet"))
     global_batch = s.batch_size * world.size
@@ -196,8 +201,8 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         torch.set_rng_state(saved["rng"][world.rank % len(saved["rng"])])
     else:
         torch.manual_seed(s.seed + world.rank)  # each rank its own draws (anchor and proposal sampling)
-    config = {**{k: v for k, v in dataclasses.asdict(s).items() if k not in ("steps", "epochs")}, "overrides": overrides,
-              "lr": lr, "image_size": size}
+    config = {**{k: v for k, v in dataclasses.asdict(s).items() if k not in ("steps", "epochs")},
+              "overrides": overrides, "lr": lr, "image_size": size}
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         print(f"minseg train: {s.model} on {len(dataset)} images ({dataset.kind}), {world.size} process(es) x "
@@ -209,15 +214,15 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
     def save(at: int) -> None:
         rng = distributed.gather(torch.get_rng_state(), world)
         if world.main:
-            run_state = {"step": at, "optimizer": optimizer.state_dict(),
+            run_state = {"step": at, "total": total, "optimizer": optimizer.state_dict(),
                          "scaler": scaler.state_dict() if scaler else None, "rng": rng, "config": config}
             state.save_run(out, core, s.model, overrides, run_state, log)
         distributed.barrier(world)
 
     # 3. the steps
     progress = Progress(total, step, global_batch)
-    autocast = torch.autocast(world.device.type, dtype=torch.bfloat16 if world.device.type == "cpu" else torch.float16,
-                              enabled=s.amp)
+    low = torch.bfloat16 if world.device.type == "cpu" else torch.float16
+    autocast = torch.autocast(world.device.type, dtype=low, enabled=s.amp)
     try:
         while step < total:
             epoch = step // per_epoch
@@ -245,7 +250,8 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
                 if s.check_replicas and len(set(distributed.gather(digest(core), world))) > 1:
                     raise RuntimeError(f"the ranks' weights differ after step {step}")
                 if step % s.log_every == 0 or step == total:
-                    values = distributed.mean_of({"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}, world)
+                    values = {"loss": loss.item(), **{k: v.item() for k, v in losses.items()}}
+                    values = distributed.mean_of(values, world)
                     line = {"step": step, **values, "lr": current, "seconds": round(time.perf_counter() - t0, 4),
                             "data_seconds": round(t0 - t_data, 4)}
                     log.append(line)

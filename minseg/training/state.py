@@ -1,7 +1,7 @@
 """A run's files in --out, written together and atomically, and the model a run starts from.
 
     last.safetensors  the model's state dict with minseg metadata (arch, overrides): create_model(NAME, weights=...)
-    state.pt          what a resumed run needs besides the weights: step, optimiser, grad scaler, the run's
+    state.pt          what a resumed run needs besides the weights: step, total steps, optimiser, grad scaler, the run's
                       settings, and each rank's torch RNG states (the data order and augmentation are functions
                       of the seed and the step, so they need no state). Read back with torch.load(weights_only=True).
     log.jsonl         a line per logged step;  loss.png  the loss curves
