@@ -49,11 +49,6 @@ def semantic(tmp_path_factory) -> Path:
     return write_semantic(tmp_path_factory.mktemp("data") / "sem", n=2, size=(32, 32), num_classes=3)
 
 
-@pytest.fixture(scope="module")
-def instances(tmp_path_factory) -> Path:
-    return write_coco_instances(tmp_path_factory.mktemp("data") / "ins", n=2, size=(48, 64))
-
-
 def test_unet_overfits_and_writes_a_run(semantic, tmp_path, capsys):
     """From random init, 24 Adam steps on two 32x32 images: the Dice loss falls to under a fifth and the saved
     model (eval mode: running statistics) reaches mIoU > 0.9 on its training images (measured: 0.992); the run's
@@ -76,31 +71,35 @@ def test_unet_overfits_and_writes_a_run(semantic, tmp_path, capsys):
 
 
 def test_unet_resume_extends_bitwise(semantic, tmp_path):
-    """U-Net's schedule is constant, so --steps 2 then --resume --steps 3 is the uninterrupted 3-step run, bit for bit."""
+    """U-Net's schedule is constant, so --steps 1 then --resume --steps 3 (from the middle of an epoch of two
+    batches) is the uninterrupted 3-step run, bit for bit."""
     common = ["--model", "unet_resnet34", "--data", semantic, "--num-classes", 3, "--lr", 1e-3, "--image-size", 32,
-              "--log-every", 1]
+              "--batch-size", 1, "--log-every", 1]
     assert run_cli(*common, "--out", tmp_path / "a", "--steps", 3) == 0
-    assert run_cli(*common, "--out", tmp_path / "b", "--steps", 2) == 0
+    assert run_cli(*common, "--out", tmp_path / "b", "--steps", 1) == 0
     assert run_cli(*common, "--out", tmp_path / "b", "--steps", 3, "--resume") == 0
     assert_bitwise_equal(weights_of(tmp_path / "a"), weights_of(tmp_path / "b"))
     assert [line["step"] for line in log_of(tmp_path / "b")] == [1, 2, 3]
     assert run_cli(*common, "--out", tmp_path / "a", "--steps", 3) == 2  # refuses to replace a run
 
 
-def test_maskrcnn_loss_falls_and_resume_is_bitwise(instances, tmp_path):
-    """Mask R-CNN v1 from random init (images resized to 64, the torchvision detection recipe with its warmup and
-    milestones): the summed loss falls over 6 steps; stopped after 3 and resumed (optimiser, RNG of the anchor and
-    proposal sampling, data order), the weights equal the uninterrupted run's bit for bit."""
-    settings = dict(model="maskrcnn_resnet50_fpn", data=str(instances), steps=6, lr=0.01, image_size=64, log_every=1)
+def test_maskrcnn_loss_falls_and_resume_is_bitwise(tmp_path):
+    """Mask R-CNN v1 from random init on one 48x64 image (resized to 64, batch 1; a Mask R-CNN step costs seconds
+    on CPU even this small): the summed loss falls in 3 steps; stopped after 1 and resumed (optimiser, the RNG of
+    the anchor and proposal sampling, data order), the weights equal the uninterrupted run's bit for bit."""
+    data = write_coco_instances(tmp_path / "ins", n=1, size=(48, 64))
+    settings = dict(model="maskrcnn_resnet50_fpn", data=str(data), steps=3, batch_size=1, lr=0.01, image_size=64,
+                    augment=False, log_every=1)
     train(Settings(out=str(tmp_path / "a"), **settings))
     log = log_of(tmp_path / "a")
     assert {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"} < set(log[0])
-    assert np.mean([l["loss"] for l in log[-2:]]) < np.mean([l["loss"] for l in log[:2]])
-    train(Settings(out=str(tmp_path / "b"), **settings), stop_after=3)
-    assert log_of(tmp_path / "b")[-1]["step"] == 3
-    assert run_cli("--model", "maskrcnn_resnet50_fpn", "--data", instances, "--out", tmp_path / "b", "--steps", 6,
-                   "--resume", "--log-every", 1) == 0
+    assert log[-1]["loss"] < log[0]["loss"]
+    train(Settings(out=str(tmp_path / "b"), **settings), stop_after=1)
+    assert log_of(tmp_path / "b")[-1]["step"] == 1
+    assert run_cli("--model", "maskrcnn_resnet50_fpn", "--data", data, "--out", tmp_path / "b", "--resume",
+                   "--log-every", 1) == 0
     assert_bitwise_equal(weights_of(tmp_path / "a"), weights_of(tmp_path / "b"))
+    assert [line["step"] for line in log_of(tmp_path / "b")] == [1, 2, 3]
 
 
 def test_torchrun_two_processes_equal_one(semantic, tmp_path):
@@ -123,7 +122,7 @@ def test_torchrun_two_processes_equal_one(semantic, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = weights_of(tmp_path / "one"), weights_of(tmp_path / "two")
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-7)  # measured: at most 7.5e-9 apart
 
 
 def test_num_classes_reinitialises_only_class_layers(semantic, tmp_path, capsys):
@@ -173,10 +172,10 @@ def test_bad_data_exits_2_and_leaves_out_untouched(tmp_path, capsys, case):
     assert not out.exists()
 
 
-def test_transforms_move_targets_with_images(instances):
+def test_transforms_move_targets_with_images(tmp_path):
     """Boxes stay the boxes of their masks through each recipe's flips, resizes and crops (to a pixel of
     nearest-neighbour rounding), and a seed gives the same result twice."""
-    image, target, _ = open_dataset(instances)[0]
+    image, target, _ = open_dataset(write_coco_instances(tmp_path / "ins", n=1))[0]
     for recipe in (lambda i, t, g: T.detection_train(i, t, g), lambda i, t, g: T.shortest_edge_train(i, t, g),
                    lambda i, t, g: T.yolact_train(i, t, g, size=96)):
         for seed in range(4):

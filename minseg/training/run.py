@@ -211,7 +211,11 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
     if step >= total:
         return out
 
+    saved_at = step
+
     def save(at: int) -> None:
+        nonlocal saved_at
+        saved_at = at
         rng = distributed.gather(torch.get_rng_state(), world)
         if world.main:
             run_state = {"step": at, "total": total, "optimizer": optimizer.state_dict(),
@@ -227,8 +231,10 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         while step < total:
             epoch = step // per_epoch
             batches = epoch_batches(sampler, epoch, s.seed, s.batch_size, world, step % per_epoch)
+            # its own generator: a DataLoader seeds its workers from the global one otherwise, one draw per epoch,
+            # and a run resumed mid-epoch would then draw differently from an uninterrupted one
             loader = DataLoader(Augmented(dataset, recipe), batch_sampler=batches[:total - step], collate_fn=as_list,
-                                num_workers=s.workers)
+                                num_workers=s.workers, generator=torch.Generator().manual_seed(s.seed + epoch))
             t_data = time.perf_counter()
             for batch in loader:
                 t0 = time.perf_counter()
@@ -262,10 +268,9 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
                 if step == stop_after:
                     return out
                 t_data = time.perf_counter()
-    except KeyboardInterrupt:
-        if world.size == 1 and step > 0:
-            save(step)  # a consistent state: the last completed step
-            print(f"minseg train: interrupted; saved step {step} in {out} (continue with --resume)", file=sys.stderr)
+    except KeyboardInterrupt:  # not saved here: Ctrl-C may land inside optimizer.step(), half the weights updated
+        if world.main and saved_at:
+            print(f"minseg train: interrupted; {out} holds step {saved_at} (continue with --resume)", file=sys.stderr)
         raise
     finally:
         distributed.teardown(world)
