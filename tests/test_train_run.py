@@ -70,11 +70,12 @@ def test_unet_overfits_and_writes_a_run(semantic, tmp_path, capsys):
     assert mean_iou(confusion)["miou"] > 0.9
 
 
-def test_unet_resume_extends_bitwise(semantic, tmp_path):
+def test_unet_resume_extends_bitwise(tmp_path):
     """U-Net's schedule is constant, so --steps 1 then --resume --steps 3 (from the middle of an epoch of two
     batches) is the uninterrupted 3-step run, bit for bit."""
-    common = ["--model", "unet_resnet34", "--data", semantic, "--num-classes", 3, "--lr", 1e-3, "--image-size", 32,
-              "--batch-size", 1, "--log-every", 1]
+    data = write_semantic(tmp_path / "sem", n=4, size=(32, 32), num_classes=3)
+    common = ["--model", "unet_resnet34", "--data", data, "--num-classes", 3, "--lr", 1e-3, "--image-size", 32,
+              "--log-every", 1]
     assert run_cli(*common, "--out", tmp_path / "a", "--steps", 3) == 0
     assert run_cli(*common, "--out", tmp_path / "b", "--steps", 1) == 0
     assert run_cli(*common, "--out", tmp_path / "b", "--steps", 3, "--resume") == 0

@@ -208,9 +208,6 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         print(f"minseg train: {s.model} on {len(dataset)} images ({dataset.kind}), {world.size} process(es) x "
               f"batch {s.batch_size}, {total} steps ({per_epoch} per epoch), lr {lr:g}, from step {step}",
               file=sys.stderr)
-    if step >= total:
-        return out
-
     saved_at = step
 
     def save(at: int) -> None:
