@@ -1,4 +1,4 @@
-"""minseg's command line: list, convert, predict, train, parity, bench. `minseg CMD --help` for each.
+"""minseg's command line: list, convert, predict, train, eval, parity, bench. `minseg CMD --help` for each.
 
 Bad input (missing file, wrong format, wrong architecture, corrupt or hostile checkpoint, unreadable
 image) ends with exit status 2 and one line on stderr naming the problem; no output file is left behind.
@@ -178,6 +178,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from minseg.evaluate import main
+
+    return main(args)
+
+
 class ShowVersion(argparse.Action):
     """--version, reading the version only when asked (minseg.weights loads torch)."""
 
@@ -273,6 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side (median reported)")
     p.add_argument("--train", action="store_true", help="time one training step (fcn_*, deeplabv3_*, unet_resnet34, maskrcnn_*)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="a model's metrics on a dataset: mIoU, COCO box/mask AP, or PQ",
+                       description="Evaluate a model on a dataset folder (layout recognised from its contents) and print "
+                                   "mIoU and per-class IoU (semantic), COCO box and mask AP (instances; needs "
+                                   "pycocotools) or PQ/SQ/RQ (panoptic). Under torchrun each process evaluates a shard; "
+                                   "the numbers are those of one process.")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see `minseg list`)")
+    p.add_argument("--weights", required=True, metavar="FILE", help="minseg .safetensors (the model's class count "
+                   "must match the dataset's categories)")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder: images/ + masks/, Pascal VOC, COCO "
+                   "instances or COCO panoptic")
+    p.add_argument("--split", help="VOC's ImageSets/Segmentation/SPLIT.txt (default val), COCO's "
+                   "annotations/instances_SPLIT.json, or a subfolder")
+    p.add_argument("--out", default="out", metavar="DIR", help="write metrics.json (and predictions.json for "
+                   "instance models) here (default: ./out), atomically; nothing is written if the run fails")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cpu (default) or cuda (under torchrun: each process the GPU of its LOCAL_RANK)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

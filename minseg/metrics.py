@@ -5,7 +5,8 @@ the same category match when their IoU > 0.5, where void pixels (`void_label` in
 removed from the prediction's area. Crowd ground-truth segments match nothing and are not false negatives; an
 unmatched prediction more than half inside void plus the crowd region of its own category is not a false
 positive. PQ = sum(IoU of matches) / (TP + FP/2 + FN/2), per category, then averaged over the categories
-that occur.
+that occur. Checked once against panopticapi's own pq_compute (cocodataset/panopticapi, not a package here) on
+3 x 12 generated images with crowds, void, split and relabelled segments: PQ/SQ/RQ and per-class PQ equal to 1e-12.
 """
 from __future__ import annotations
 

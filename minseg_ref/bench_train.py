@@ -4,10 +4,12 @@ weights and batch.
 A semantic step is the forward in train mode, the loss (torchvision's reference criterion with aux for FCN / DeepLabV3,
 smp's Dice + Focal for U-Net), backward, and an SGD step (momentum 0.9, weight decay 1e-4), both sides built by
 minseg_ref/parity_train.py. Mask R-CNN's (forward, the five losses, backward; 2 images at ~800x1067) is
-minseg_ref/bench_maskrcnn_train.py's. Timing and peak memory come from minseg_ref/bench.py's compare_sides unchanged: it
-calls each side under torch.inference_mode, so a step turns inference mode back off inside itself. The CPU peak is
-then the resident-set high-water mark of one step beyond the resident set before it (weights, gradients of the
-previous step, optimizer state already there), each side alone in a fresh process.
+minseg_ref/bench_maskrcnn_train.py's. YOLACT's (the four losses, backward, SGD on the recorded training batch) is
+minseg_ref/parity_yolact_train.py's, timed alone: its original cannot run here. Timing and peak memory come from
+minseg_ref/bench.py's compare_sides (ours_only for YOLACT) unchanged: it calls each side under
+torch.inference_mode, so a step turns inference mode back off inside itself. The CPU peak is then the resident-set
+high-water mark of one step beyond the resident set before it (weights, gradients of the previous step, optimizer
+state already there), each side alone in a fresh process.
 """
 from __future__ import annotations
 
@@ -15,10 +17,10 @@ from typing import Callable
 
 import torch
 
-from minseg_ref.bench import BenchRow, compare_sides
+from minseg_ref.bench import BenchRow, compare_sides, ours_only
 
 TRAIN_BENCH = ["fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101", "unet_resnet34",
-               "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"]
+               "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2", "yolact_resnet50"]
 BATCH, SIZE, NUM_CLASSES = 2, (256, 256), 21
 
 
@@ -47,6 +49,12 @@ def train_steps(name: str, device: str) -> dict:
 
 
 def bench_train(name: str, device: str, repeats: int) -> BenchRow:
+    if name.startswith("yolact"):  # the recorded training batch; the original cannot run here
+        from minseg_ref.parity_yolact_train import train_steps as yolact_steps
+
+        ms, peak = ours_only(yolact_steps, [], device, repeats)
+        return BenchRow(name, device, "2x3x550x550, 27 objects", ms, None, peak, None,
+                        note="train step (4 losses, backward, SGD); original not runnable here, no published step time")
     if name.startswith("maskrcnn"):  # forward, the five losses, backward: minseg_ref/bench_maskrcnn_train.py
         from minseg_ref.bench_maskrcnn_train import train_steps as maskrcnn_steps
 

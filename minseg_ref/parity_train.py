@@ -146,3 +146,7 @@ def check(name: str) -> ParityRow:
 
 CHECKS = {f"{name}:train": ("torchvision" if name != "unet_resnet34" else "smp + smp.losses", lambda name=name: check(name))
           for name in TRAIN_NAMES}
+
+from minseg_ref.parity_yolact_train import CHECKS as YOLACT_TRAIN_CHECKS  # noqa: E402 (recorded YOLACT training step)
+
+CHECKS.update(YOLACT_TRAIN_CHECKS)

@@ -101,8 +101,9 @@ def test_semantic_and_voc(tmp_path):
 
 
 def test_label_maps():
-    categories = [{"id": 1, "isthing": 1}, {"id": 3, "isthing": 1}, {"id": 7, "isthing": 1},
-                  {"id": 10, "isthing": 0}, {"id": 20, "isthing": 0}]
+    """Contiguous labels follow increasing ids whatever the json's order (detectron2 sorts them)."""
+    categories = [{"id": 20, "isthing": 0}, {"id": 7, "isthing": 1}, {"id": 1, "isthing": 1},
+                  {"id": 10, "isthing": 0}, {"id": 3, "isthing": 1}]
     ids, crowd = torch.tensor([7, 1, 3]), torch.tensor([False, False, True])
     assert label_map("maskrcnn_resnet50_fpn", categories).to_labels(ids).tolist() == [7, 1, 3]
     assert label_map("panoptic_fpn_resnet50", categories).to_labels(ids, crowd).tolist() == [2, 0, 1]
@@ -114,8 +115,7 @@ def test_label_maps():
 
 
 def _bad_semantic(root):
-    write_semantic(root, n=2, num_classes=3)
-    return root
+    return write_semantic(root, n=2, num_classes=3)
 
 
 def _break(root, kind):
@@ -158,12 +158,12 @@ def _break(root, kind):
         return root / "annotations.json"
     if kind == "panoptic size":
         write_coco_panoptic(root, n=2)
-        Image.new("RGB", (5, 5)).save(root / "panoptic" / "0001.png")
-        return root / "panoptic" / "0001.png"
+        Image.new("RGB", (5, 5)).save(root / "panoptic" / "0000.png")
+        return root / "panoptic" / "0000.png"
     if kind == "panoptic id":
         write_coco_panoptic(root, n=2)
-        Image.new("RGB", (64, 48), (9, 0, 0)).save(root / "panoptic" / "0001.png")
-        return root / "panoptic" / "0001.png"
+        Image.new("RGB", (64, 48), (9, 0, 0)).save(root / "panoptic" / "0000.png")
+        return root / "panoptic" / "0000.png"
     if kind == "no layout":
         (root / "stuff").mkdir(parents=True)
         return root
@@ -183,3 +183,17 @@ def test_bad_data_names_the_file(tmp_path, kind):
             ds[i]
     message = str(e.value)
     assert message.startswith(str(named)) and "\n" not in message, message
+
+
+def test_splits(tmp_path):
+    """COCO's annotations/instances_SPLIT.json + SPLIT/, and a split subfolder for the other layouts."""
+    write_coco_instances(tmp_path / "made", n=2)
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "made" / "annotations.json").rename(tmp_path / "coco" / "annotations" / "instances_val2017.json")
+    (tmp_path / "made" / "images").rename(tmp_path / "coco" / "val2017")
+    ds = open_dataset(tmp_path / "coco", split="val2017")
+    assert ds.kind == "instances" and len(ds) == 2 and ds[1][2]["file"].endswith("val2017/0001.png")
+    write_semantic(tmp_path / "folder" / "train", n=2)
+    assert len(open_dataset(tmp_path / "folder", split="train")) == 2
+    with pytest.raises(DataError, match="expected one of"):
+        open_dataset(tmp_path / "coco", split="train2017")

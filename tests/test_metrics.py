@@ -24,9 +24,10 @@ def test_miou_matches_per_class_masks(seed, c):
     assert np.isclose(result["miou"], np.nanmean(ious))
 
 
-def brute_force_pq(pred, pcat, target, tcat, crowds=frozenset()):
-    """panopticapi's rules, one mask at a time: crowds match nothing and are no false negatives; a prediction
-    more than half on void plus the crowd region of its own category is no false positive."""
+def brute_force_stats(pred, pcat, target, tcat, crowds=frozenset()):
+    """{category: [sum IoU, TP, FP, FN]} by panopticapi's rules, one mask at a time: crowds match nothing and are
+    no false negatives; a prediction more than half on void plus the crowd region of its own category is no false
+    positive."""
     stats = {}
     matched_p, matched_t = set(), set()
     void = target == 0
@@ -48,8 +49,12 @@ def brute_force_pq(pred, pcat, target, tcat, crowds=frozenset()):
         crowd_region = np.isin(target, [t for t in crowds if tcat[t] == pcat[p]])
         if p and p not in matched_p and ((pred == p) & (void | crowd_region)).sum() / (pred == p).sum() <= 0.5:
             stats.setdefault(pcat[p], [0.0, 0, 0, 0])[2] += 1
-    pqs = {c: (s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3])) for c, s in stats.items()}
-    return pqs
+    return stats
+
+
+def brute_force_pq(stats):
+    """{category: PQ} from brute_force_stats."""
+    return {c: (s[0] / (s[1] + 0.5 * s[2] + 0.5 * s[3])) for c, s in stats.items()}
 
 
 @settings(max_examples=60, deadline=None)
@@ -68,7 +73,7 @@ def test_pq_matches_brute_force(seed, with_crowds):
               if rng.random() < 0.5} if with_crowds and len(set(tcat.values())) > 1 else set()
     stats = panoptic_stats(torch.from_numpy(pred), pcat, torch.from_numpy(target), tcat, target_crowds=crowds)
     result = panoptic_quality([stats], things={0})
-    expected = brute_force_pq(pred, pcat, target, tcat, crowds)
+    expected = brute_force_pq(brute_force_stats(pred, pcat, target, tcat, crowds))
     assert set(result["per_class"]) == set(expected)
     for c, pq in expected.items():
         assert np.isclose(result["per_class"][c]["pq"], pq)

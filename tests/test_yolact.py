@@ -358,7 +358,7 @@ def test_convert_drops_the_originals_load_time_keys(r50_keys):
     converted = minseg.convert("yolact", state, arch="yolact_resnet50")
     model_keys = minseg.create_model("yolact_resnet50").state_dict().keys()
     assert converted.keys() == model_keys
-    assert not any("semantic" in k for k in converted)
+    assert torch.equal(converted["semantic.weight"], state["semantic_seg_conv.weight"])  # kept: training needs it
 
 
 def test_convert_rename_map(synth_state):
@@ -402,6 +402,8 @@ def test_convert_reads_num_classes_from_shapes(r50_keys):
     state = zeros_state(r50_keys)
     state["prediction_layers.0.conf_layer.weight"] = torch.zeros(3 * 21, 256, 3, 3)
     state["prediction_layers.0.conf_layer.bias"] = torch.zeros(3 * 21)
+    state["semantic_seg_conv.weight"] = torch.zeros(20, 256, 1, 1)  # the original's semantic head: one per class
+    state["semantic_seg_conv.bias"] = torch.zeros(20)
     converted, overrides = convert_with_overrides("yolact", state, arch="yolact_resnet50")
     assert overrides == {"num_classes": 21}
     minseg.create_model("yolact_resnet50", num_classes=21).load_state_dict(converted, strict=True)

@@ -2,8 +2,8 @@
 
 The original saves `torch.save(model.state_dict())`: a plain dict of tensors, the 2019 releases in the legacy
 (non-zip) format, with BatchNorm's `num_batches_tracked` counters. Its own `Yolact.load_weights` deletes two
-kinds of keys before a strict load; the same deletions are named drops here, together with the training-only
-semantic segmentation conv, which minseg does not build.
+kinds of keys before a strict load; the same deletions are named drops here. The training-only semantic
+segmentation conv is kept (the semantic loss needs it).
 """
 from __future__ import annotations
 
@@ -44,13 +44,13 @@ RULES: list[Rule] = [
     (r"prediction_layers\.0\.bbox_layer\.(.*)", r"head.loc.\1"),
     (r"prediction_layers\.0\.conf_layer\.(.*)", r"head.conf.\1"),
     (r"prediction_layers\.0\.mask_layer\.(.*)", r"head.mask.\1"),
+    (r"semantic_seg_conv\.(.*)", r"semantic.\1"),  # used by the semantic segmentation loss only
 ]
 
 DROPS: list[Drop] = [
     (r"backbone\.layer(?!s\.).*", "old torchvision-style backbone.layerN keys; the original's load_weights deletes them"),
     (r"fpn\.downsample_layers\.([2-9]|\d\d+)\..*",
      "v1.0 checkpoints carry extra downsample layers; load_weights deletes those beyond num_downsample=2"),
-    (r"semantic_seg_conv\..*", "training-only semantic segmentation loss head; never used at inference"),
 ]
 
 ARCHS = {  # arch -> the backbone its checkpoints carry

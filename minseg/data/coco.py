@@ -112,19 +112,19 @@ def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Bool Tensor[K, H, W] -> Tensor[K, 4] xyxy enclosing each mask (pixel edges: a one-pixel mask is 1 wide);
     zeros for an empty mask."""
     K, H, W = masks.shape
-    boxes = torch.zeros(K, 4)
-    for k in range(K):
-        ys, xs = torch.nonzero(masks[k], as_tuple=True)
-        if len(xs):
-            boxes[k] = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
-    return boxes
+    rows, cols = masks.any(2), masks.any(1)                   # (K, H), (K, W)
+    y0, x0 = rows.float().argmax(1), cols.float().argmax(1)    # first row / column holding the mask
+    y1 = H - rows.flip(1).float().argmax(1)                   # one past the last
+    x1 = W - cols.flip(1).float().argmax(1)
+    boxes = torch.stack([x0, y0, x1, y1], 1).float()
+    return boxes * rows.any(1, keepdim=True)                  # empty masks: zeros
 
 
 class CocoPanoptic:
     """Items in image-id order: the instance fields for the thing segments (crowds included, flagged), plus
     {"panoptic" int64[H,W] segment ids (0 = void), "segments" (the json's segments_info, each with "isthing"),
     "sem_seg" int64[H,W]}: detectron2's Panoptic FPN target (prepare_panoptic_fpn.py), 0 for every thing pixel,
-    1..S for the stuff categories in category order, 255 for void."""
+    1..S for the stuff categories in increasing id order, 255 for void."""
 
     kind = "panoptic"
 
@@ -152,8 +152,8 @@ class CocoPanoptic:
         if missing:
             raise DataError(f"{self.json_file}: image {missing[0]} has no annotation (no panoptic PNG)")
         self.isthing = {c["id"]: bool(c["isthing"]) for c in self.categories}
-        stuff = [c["id"] for c in self.categories if not c["isthing"]]
-        self.stuff_label = {cid: i + 1 for i, cid in enumerate(stuff)}  # 0 is "any thing"
+        stuff = sorted(c["id"] for c in self.categories if not c["isthing"])
+        self.stuff_label = {cid: i + 1 for i, cid in enumerate(stuff)}  # 0 is "any thing"; ids in increasing order
         self.ids = sorted(self.images)
 
     def __len__(self) -> int:
@@ -168,15 +168,15 @@ class CocoPanoptic:
         check_same_size(image, panoptic, png, path)
         segments = [{**s, "iscrowd": int(s.get("iscrowd", 0)), "isthing": int(self.isthing[s["category_id"]])}
                     for s in annotation["segments_info"]]
-        unknown = set(np.unique(panoptic).tolist()) - {s["id"] for s in segments} - {0}
+        ids, index = np.unique(panoptic, return_inverse=True)  # index: each pixel's position in ids
+        unknown = set(ids.tolist()) - {s["id"] for s in segments} - {0}
         if unknown:
             raise DataError(f"{png}: segment id {min(unknown)} is not in its segments_info")
+        label_of = {s["id"]: 0 if s["isthing"] else self.stuff_label[s["category_id"]] for s in segments}
+        sem_seg = torch.from_numpy(np.array([label_of.get(i, IGNORE) for i in ids.tolist()])[index.reshape(panoptic.shape)])
         panoptic = torch.from_numpy(panoptic)
-        sem_seg = torch.full_like(panoptic, IGNORE)
-        for s in segments:
-            sem_seg[panoptic == s["id"]] = 0 if s["isthing"] else self.stuff_label[s["category_id"]]
         things = [s for s in segments if s["isthing"]]
-        masks = torch.stack([panoptic == s["id"] for s in things]) if things else torch.zeros(0, *panoptic.shape, dtype=torch.bool)
+        masks = panoptic[None] == torch.tensor([s["id"] for s in things], dtype=torch.int64)[:, None, None]  # (K, H, W)
         target = {"boxes": mask_boxes(masks),
                   "category_ids": torch.tensor([s["category_id"] for s in things], dtype=torch.int64),
                   "masks": masks.to(torch.uint8),

@@ -2,9 +2,10 @@
 
 - torchvision Mask R-CNN: labels are the category ids themselves (COCO's 1..90 with gaps; 0 is background), as
   torchvision's detection reference trains and evaluates on COCO.
-- detectron2 (Panoptic FPN) and YOLACT: thing categories numbered 0..T-1 in the json's category order (on COCO,
-  0..79), as detectron2's `thing_dataset_id_to_contiguous_id` and YOLACT's `COCO_LABEL_MAP`. Panoptic FPN's
-  semantic head numbers the stuff categories 1..S in order, 0 being every thing (prepare_panoptic_fpn.py).
+- detectron2 (Panoptic FPN) and YOLACT: thing categories numbered 0..T-1 in increasing id order (on COCO, 0..79),
+  as detectron2's `thing_dataset_id_to_contiguous_id` (built from the sorted ids) and YOLACT's `COCO_LABEL_MAP`.
+  Panoptic FPN's semantic head numbers the stuff categories 1..S in increasing id order, 0 being every thing
+  (prepare_panoptic_fpn.py).
 - YOLACT's training targets give crowds the label -1 (its COCODetection: `category_id = -1` for iscrowd).
 - semantic models: the mask's class index is the label.
 """
@@ -58,6 +59,6 @@ class LabelMap:
 
 def label_map(model_name: str, categories: list[dict]) -> LabelMap:
     """The label mapping between `model_name`'s family and a dataset's `categories` ([{"id", "isthing"}])."""
-    things = tuple(c["id"] for c in categories if c.get("isthing", 1))
-    stuff = tuple(c["id"] for c in categories if not c.get("isthing", 1))
+    things = tuple(sorted(c["id"] for c in categories if c.get("isthing", 1)))
+    stuff = tuple(sorted(c["id"] for c in categories if not c.get("isthing", 1)))
     return LabelMap(family(model_name), things, stuff)

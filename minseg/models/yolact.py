@@ -25,6 +25,7 @@ from torch import nn
 from minseg.backbones.darknet import darknet53
 from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
+from minseg.heads.yolact_loss import YolactLossConfig, yolact_loss
 from minseg.models._inputs import check_images
 from minseg.models._options import (MAX_BOXES, MAX_CLASSES, check_bool, check_float, check_floats, check_int,
                                     set_checked)
@@ -55,6 +56,9 @@ class YolactConfig:
     top_k: int = 200                                   # candidates per class compared by Fast NMS
     max_detections: int = 100
     cross_class_nms: bool = False                      # eval.py's --cross_class_nms
+    # training
+    freeze_bn: bool = True                             # train.py's cfg.freeze_bn (set below 6 images per GPU)
+    loss: YolactLossConfig = YolactLossConfig()        # MultiBoxLoss's thresholds, OHEM ratio, alphas
 
     def __post_init__(self) -> None:
         check_int("num_classes", self.num_classes, 2, MAX_CLASSES)  # background and at least one class
@@ -65,6 +69,9 @@ class YolactConfig:
         check_int("top_k", self.top_k, 1, MAX_BOXES)
         check_int("max_detections", self.max_detections, 1, MAX_BOXES)
         check_bool("cross_class_nms", self.cross_class_nms)
+        check_bool("freeze_bn", self.freeze_bn)
+        if not isinstance(self.loss, YolactLossConfig):
+            raise TypeError(f"loss must be a YolactLossConfig, got {type(self.loss).__name__}")
         # Fast NMS compares top_k candidates pairwise within each class: an IoU matrix of C x top_k x top_k floats
         if (self.num_classes - 1) * self.top_k ** 2 > 2**30:
             raise ValueError(f"(num_classes - 1) * top_k ** 2 must be at most 2**30 (Fast NMS's IoU matrix, 4 GB), "
@@ -75,15 +82,37 @@ class Yolact(nn.Module):
     """model(x: Tensor[N, 3, S, S] preprocessed) -> {"loc": Tensor[N, P, 4], "conf": Tensor[N, P, C] (softmax),
     "mask": Tensor[N, P, k] (tanh), "priors": Tensor[P, 4] (cx, cy, w, h relative), "proto": Tensor[N, S/4, S/4, k]}:
     the original's network outputs before Detect. postprocess() turns them into instances.
+
+    In train mode "conf" holds the logits and "segm" Tensor[N, C-1, S/8, S/8] the semantic logits of P3 (the
+    original's training outputs); loss() turns them into the training losses.
     """
 
-    def __init__(self, cfg: YolactConfig, backbone: nn.Module, fpn: YolactFPN, protonet: ProtoNet, head: PredictionHead):
+    def __init__(self, cfg: YolactConfig, backbone: nn.Module, fpn: YolactFPN, protonet: ProtoNet, head: PredictionHead,
+                 semantic: nn.Conv2d):
         super().__init__()
         self.cfg = cfg
         self.backbone = backbone
         self.fpn = fpn
         self.protonet = protonet
         self.head = head
+        self.semantic = semantic  # training only: the semantic segmentation loss's 1x1 conv on P3
+        if cfg.freeze_bn:
+            self.freeze_batchnorm()
+
+    def freeze_batchnorm(self) -> None:
+        """Every BatchNorm2d in eval mode (running statistics) with no gradient to its affine: Yolact.freeze_bn."""
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+                m.weight.requires_grad_(False)
+                m.bias.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Yolact:
+        """As the original's Yolact.train: with cfg.freeze_bn the BatchNorms stay frozen in train mode."""
+        super().train(mode)
+        if self.cfg.freeze_bn:
+            self.freeze_batchnorm()
+        return self
 
     def priors(self, sizes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
         """priors_cxcywh Tensor[P, 4] for FPN levels of the given (H, W) sizes (rebuilt each call: well under a
@@ -101,8 +130,23 @@ class Yolact(nn.Module):
         # shared head on every level, concatenated P3..P7
         loc, conf, mask = zip(*(self.head(p) for p in levels))
         priors = self.priors([tuple(p.shape[-2:]) for p in levels], x.device)
-        conf = torch.cat(conf, 1).float().softmax(-1)  # float32 scores even under autocast (no-op in float32)
-        return {"loc": torch.cat(loc, 1), "conf": conf, "mask": torch.cat(mask, 1), "priors": priors, "proto": proto}
+        out = {"loc": torch.cat(loc, 1), "conf": torch.cat(conf, 1), "mask": torch.cat(mask, 1), "priors": priors,
+               "proto": proto}
+        if self.training:  # logits for the loss, and the semantic head
+            out["segm"] = self.semantic(levels[0])
+            return out
+        out["conf"] = out["conf"].float().softmax(-1)  # float32 scores even under autocast (no-op in float32)
+        return out
+
+    def loss(self, outputs: dict[str, torch.Tensor], targets: list[dict]) -> dict[str, torch.Tensor]:
+        """Train-mode outputs + per-image targets {"boxes": Tensor[K, 4] boxes_rel, "labels": Tensor[K] (0..C-2, -1
+        crowd), "masks": Tensor[K, S, S], "num_crowds": int} -> {"box", "mask", "class", "semantic"}: the original
+        MultiBoxLoss's B, M, C, S as train.py reduces them (minseg/heads/yolact_loss.py)."""
+        if "segm" not in outputs:
+            raise ValueError("loss() needs the train-mode outputs (call model.train() before the forward)")
+        # float32 as the original (no-op in float32): binary_cross_entropy refuses autocast, and OHEM ranks by the loss
+        with torch.autocast(outputs["loc"].device.type, enabled=False):
+            return yolact_loss({k: v.float() for k, v in outputs.items()}, targets, self.cfg.loss)
 
     def detect(self, outputs: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The original's Detect: per image, decode, keep priors whose best foreground score > conf_thresh,
@@ -210,7 +254,8 @@ def yolact(cfg: YolactConfig) -> Yolact:
     fpn = YolactFPN(tuple(backbone.out_channels[c] for c in ("c3", "c4", "c5")))
     num_anchors = len(cfg.aspect_ratios)
     head = PredictionHead(256, num_anchors, cfg.num_classes, cfg.num_prototypes)
-    return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head)
+    semantic = nn.Conv2d(256, cfg.num_classes - 1, 1)
+    return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head, semantic)
 
 
 def yolact_resnet50_config(**options) -> YolactConfig:

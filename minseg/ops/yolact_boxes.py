@@ -1,7 +1,8 @@
-"""YOLACT's box arithmetic: square priors, decoding with variances (0.1, 0.2), coordinate sanitising and mask crop.
+"""YOLACT's box arithmetic: square priors, encoding and decoding with variances (0.1, 0.2), coordinate sanitising
+and mask crop.
 
-Follows dbolya/yolact `yolact.py` (PredictionModule.make_priors) and `layers/box_utils.py` (decode,
-sanitize_coordinates, crop) operation for operation, so the results are bitwise equal to the original's on CPU.
+Follows dbolya/yolact `yolact.py` (PredictionModule.make_priors) and `layers/box_utils.py` (point_form, encode,
+decode, sanitize_coordinates, crop) operation for operation, so the results are bitwise equal to the original's on CPU.
 
 Conventions (all relative to the network input, 0..1, never clipped):
   priors_cxcywh  Tensor[P, 4] prior boxes as (cx, cy, w, h)
@@ -54,6 +55,25 @@ def decode_yolact(loc: torch.Tensor, priors_cxcywh: torch.Tensor, variances: tup
     wh = priors_cxcywh[..., 2:] * torch.exp(loc[..., 2:] * variances[1])
     x1y1 = cxcy - wh / 2
     return torch.cat([x1y1, wh + x1y1], dim=-1)
+
+
+def priors_to_xyxy(priors_cxcywh: torch.Tensor) -> torch.Tensor:
+    """Tensor[P, 4] (cx, cy, w, h) -> Tensor[P, 4] (x1, y1, x2, y2), as box_utils.py point_form (cx - w / 2)."""
+    cxcy, wh = priors_cxcywh[:, :2], priors_cxcywh[:, 2:]
+    return torch.cat([cxcy - wh / 2, cxcy + wh / 2], 1)
+
+
+def encode_yolact(boxes_rel: torch.Tensor, priors_cxcywh: torch.Tensor,
+                  variances: tuple[float, float] = (0.1, 0.2)) -> torch.Tensor:
+    """The regression targets decode_yolact inverts: boxes_rel Tensor[P, 4] matched to priors Tensor[P, 4] ->
+    offsets Tensor[P, 4] ((dcx, dcy) / (variance * prior wh), log(wh / prior wh) / variance).
+
+    Float order of box_utils.py encode (kept for parity): centre offset divided by variance * prior size in one go.
+    """
+    cxcy = (boxes_rel[:, :2] + boxes_rel[:, 2:]) / 2 - priors_cxcywh[:, :2]
+    cxcy = cxcy / (variances[0] * priors_cxcywh[:, 2:])
+    wh = (boxes_rel[:, 2:] - boxes_rel[:, :2]) / priors_cxcywh[:, 2:]
+    return torch.cat([cxcy, torch.log(wh) / variances[1]], 1)
 
 
 def sanitize_coordinates(a: torch.Tensor, b: torch.Tensor, size: int, padding: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
