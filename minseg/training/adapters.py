@@ -43,13 +43,14 @@ DATASET_KIND = {"semantic": "semantic", "unet": "semantic", "maskrcnn": "instanc
 def classes_needed(family: str, categories: list[dict]) -> int:
     """The num_classes a model needs for this dataset's categories (minseg.data.labels numbers them): semantic
     classes as listed, the largest category id + 1 for torchvision detection (its labels are the ids, 0 being
-    background), the number of thing categories for detectron2 and YOLACT (their heads add the background)."""
+    background), the thing categories + 1 for YOLACT (its num_classes counts the background, as the original's
+    cfg) and the thing categories for detectron2 (whose box head adds the background itself)."""
     things = [c["id"] for c in categories if c.get("isthing", 1)]
     if family in ("semantic", "unet"):
         return len(categories)
     if family == "maskrcnn":
         return max(things, default=0) + 1
-    return len(things)
+    return len(things) + (family == "yolact")
 
 
 @dataclass
