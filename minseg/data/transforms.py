@@ -234,7 +234,7 @@ def _random_sample_crop(x: torch.Tensor, target: Target, g: torch.Generator) -> 
             left, top = _uniform(g, 0, W - w), _uniform(g, 0, H - h)
             rect = torch.tensor([[int(left), int(top), int(left + w), int(top + h)]], dtype=boxes.dtype)
             overlap = box_iou(boxes, rect)[:, 0]
-            if overlap.max() < min_iou or overlap.min() > max_iou:  # kept: the original tests max and min this way
+            if overlap.max() < min_iou or overlap.min() > max_iou:  # no box overlaps the window as the mode asks
                 continue
             centers = (boxes[:, :2] + boxes[:, 2:]) / 2
             keep = ((centers > rect[0, :2]) & (centers < rect[0, 2:])).all(1)
