@@ -1,4 +1,4 @@
-"""minseg's command line: list, convert, predict, eval, parity, bench. `minseg CMD --help` for each.
+"""minseg's command line: list, convert, predict, train, eval, parity, bench. `minseg CMD --help` for each.
 
 Bad input (missing file, wrong format, wrong architecture, corrupt or hostile checkpoint, unreadable
 image) ends with exit status 2 and one line on stderr naming the problem; no output file is left behind.
@@ -149,6 +149,16 @@ def streamer(header: str, format_row):
     return show
 
 
+def cmd_train(args) -> int:
+    """The run lives in minseg/training/run.py; here only the options become its Settings."""
+    from minseg.training.run import Settings, train
+
+    _usable_device(args.device)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "version")}
+    train(Settings(**options))
+    return 0
+
+
 def cmd_parity(args) -> int:
     from minseg_ref.parity import FOOTER, format_header, format_row, run
 
@@ -224,6 +234,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this (JSON lists all)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("train", help="train or fine-tune a model on a dataset folder (one process, or many under torchrun)",
+                       description="Train with the original's optimiser, schedule and augmentation. --out receives "
+                                   "last.safetensors, state.pt (to --resume), log.jsonl and loss.png, written "
+                                   "atomically; under `torchrun --nproc_per_node N -m minseg train ...` the run is "
+                                   "data-parallel (DDP) and rank 0 writes.")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see `minseg list`)")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset folder (semantic, Pascal VOC, COCO instances or panoptic)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (refused if it holds a run, unless --resume)")
+    p.add_argument("--weights", metavar="FILE", help="start from a minseg .safetensors, or 'official' (default: random init)")
+    p.add_argument("--num-classes", type=_positive_int, metavar="C", help="classes of the model (default: the weights', "
+                   "else the dataset's); another number than the weights' re-initialises the class layers")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=_positive_int, help="passes over the data (default: the original's)")
+    length.add_argument("--steps", type=_positive_int, help="optimiser steps")
+    p.add_argument("--batch-size", type=_positive_int, default=2, help="images per process and step (default 2)")
+    p.add_argument("--lr", type=float, help="base learning rate (default: the original's, scaled to the global batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, data order and augmentation (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (each process its LOCAL_RANK's GPU)")
+    p.add_argument("--amp", action="store_true", help="mixed precision: bf16 autocast on CPU, fp16 + grad scaler on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its settings) up to --steps/--epochs")
+    p.add_argument("--split", help="the dataset's split (VOC list, COCO instances_SPLIT.json)")
+    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in the training process)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the images as they are")
+    p.add_argument("--image-size", type=_positive_int, metavar="S", help="the recipe's base size (semantic 520, "
+                   "U-Net crop 320, Mask R-CNN / Panoptic FPN shorter side 800; YOLACT uses its model's)")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm as a frozen affine map (running statistics, no gradient)")
+    p.add_argument("--no-dropout", dest="dropout", action="store_false", help="dropout layers off (eval mode)")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (CUDA only, a torch limit)")
+    p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines (default 10)")
+    p.add_argument("--save-every", type=_positive_int, default=1000, help="steps between saves (default 1000; also at the end)")
+    p.add_argument("--check-replicas", action="store_true", help="under torchrun: stop if the ranks' weights ever differ")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("parity", help="every model against its original: one table; exit 1 if any fails")
     p.add_argument("--model", action="append", help="only this model (repeatable)")
