@@ -199,11 +199,6 @@ def test_yolact_step(tmp_path):
 
 
 def test_panoptic_fpn_step(tmp_path):
-    import inspect
-    import minseg.models.panoptic_fpn as panoptic_fpn
-
-    if "loss_sem_seg" not in inspect.getsource(panoptic_fpn):
-        pytest.skip("Panoptic FPN's train mode arrives with issue 20")
     data = write_coco_panoptic(tmp_path / "pan", n=1)
     assert run_cli("--model", "panoptic_fpn_resnet50", "--data", data, "--out", tmp_path / "run", "--steps", 1,
                    "--batch-size", 1, "--image-size", 64, "--log-every", 1) == 0
