@@ -39,6 +39,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.ops import forms, reference
 from minseg.ops.feature_table import compute_dtype, feature_table
@@ -173,8 +174,11 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     idx = idx.permute(4, 3, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
     wts = wts.permute(4, 3, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
+    traced = torch.compiler.is_compiling()  # exported: M is a data-dependent size, one group (the same sums)
+    if traced:
+        B = M
     sums = table.new_empty((M, C))  # filled group by group: a group's sums are a view into its products
-    for b in range(0, M, B):
+    for b in ([0] if traced else range(0, M, B)):
         sums[b:b + B] = _sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
                                      [min(B, M - b)] * G)
     return sums.div_(device_scalar(max(G, 1), sums))
@@ -302,14 +306,17 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     """
     K, C = rois.shape[0], table.shape[1]
     Ph, Pw = P
-    if K * C * Ph * Pw == 0:  # nothing to pool
+    if guard_or_false(K * C * Ph * Pw == 0):  # nothing to pool (unknown when exported: the general path copes)
         return table.new_zeros((K, C, Ph, Pw))
     max_entries = _MAX_ENTRIES_GPU if fused else _MAX_ENTRIES
     if sampling_ratio > 0:
         step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
+        traced = torch.compiler.is_compiling()  # exported: K is a data-dependent size, one run (the same values)
+        if traced:
+            step = K
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned, fused)
-                         for s in range(0, K, step)])
+                         for s in ([0] if traced else range(0, K, step))])
     else:  # every RoI's grid read to the host once: chunks and shapes depend on it
         gh, gw = _adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
