@@ -87,5 +87,22 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "pt2") -> None
     if format == "pt2":
         atomic_write(path, lambda tmp: torch.export.save(program, tmp))
         return
-    onnx_program = torch.onnx.export(program, dynamo=True, verbose=False)
+    onnx_program = to_onnx(program)
     atomic_write(path, lambda tmp: onnx_program.save(tmp))
+
+
+def to_onnx(program: torch.export.ExportedProgram):
+    """torch.onnx.export(dynamo=True) of an exported program -> torch.onnx.ONNXProgram. NMS's stable sorts
+    (aten.sort.stable, which the exporter lacks) become ONNX TopK over the whole axis, which the ONNX spec orders
+    stably (ties: lower index first)."""
+    return torch.onnx.export(program, dynamo=True, verbose=False,
+                             custom_translation_table={torch.ops.aten.sort.stable: _onnx_stable_sort})
+
+
+def _onnx_stable_sort(self, *, stable: bool | None = None, dim: int = -1, descending: bool = False):
+    """aten::sort.stable as an onnxscript function: TopK of k = the axis's size, sorted."""
+    from onnxscript import opset18 as op
+
+    size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+    values, indices = op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+    return values, indices
