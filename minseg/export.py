@@ -85,7 +85,11 @@ def save(model: nn.Module, path: str | os.PathLike, format: str = "pt2") -> None
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     program = export_program(model)
     if format == "pt2":
-        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:  # a file object: the temp file's name does not end in .pt2
+                torch.export.save(program, f)
+
+        atomic_write(path, write)
         return
     onnx_program = to_onnx(program)
     atomic_write(path, lambda tmp: onnx_program.save(tmp))
