@@ -55,7 +55,7 @@ def with_threshold(name: str, option: str, best_score, busy, plain, **options):
     torch.manual_seed(0)
     model = minseg.create_model(name, **{option: 0.0}, **options)
     with torch.no_grad():
-        hi, lo = best_score(model, busy), best_score(model, plain)
+        hi, lo = float(best_score(model, busy)), float(best_score(model, plain))
     assert hi > lo, "the plain image should score lower than the busy one"
     tuned = minseg.create_model(name, **{option: (hi + lo) / 2}, **options)
     tuned.load_state_dict(model.state_dict())

@@ -110,7 +110,10 @@ def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> 
     bags of one row), a sample's value adds its 4 products left to right.
     """
     C = table.shape[1]
-    p = F.embedding_bag(idx.reshape(-1, 1), table, per_sample_weights=wts.reshape(-1, 1), mode="sum")  # (4*S, C)
+    if torch.compiler.is_compiling():  # exported: the same products as a gather (ONNX loops over embedding bags)
+        p = table[idx.reshape(-1)] * wts.reshape(-1, 1)  # (4*S, C); -0.0 products become +0.0 below (acc += 0.0)
+    else:
+        p = F.embedding_bag(idx.reshape(-1, 1), table, per_sample_weights=wts.reshape(-1, 1), mode="sum")  # (4*S, C)
     p = p.view(4, -1, C)
     val = p[0]  # (S, C) sample values, summed in place
     val += p[1]
