@@ -112,6 +112,32 @@ def test_yolact(tmp_path):
         assert_onnx_close(session, (x, [size]), expected)
 
 
+class BatchedNMS(torch.nn.Module):
+    def forward(self, boxes, scores, idxs):
+        return minseg.ops.batched_nms(boxes, scores, idxs, 0.5)
+
+
+def test_batched_nms_both_paths(tmp_path):
+    """The traced batched_nms takes torchvision's offset path up to 1000 boxes and its per-class path above, as
+    eager; no boxes too. Boxes on a coarse grid, so many overlap; exact score ties avoided (ONNX's TopK and eager's
+    unstable sort may order them differently)."""
+    g = torch.Generator().manual_seed(0)
+
+    def case(n):
+        xy = torch.randint(0, 40, (n, 2), generator=g).float()
+        boxes = torch.cat((xy, xy + torch.randint(4, 20, (n, 2), generator=g)), dim=1)
+        return boxes, torch.randperm(n, generator=g).float() / n, torch.randint(0, 5, (n,), generator=g)
+
+    N = torch.export.Dim("N", min=0, max=10_000)
+    program = torch.export.export(BatchedNMS(), case(50), dynamic_shapes=({0: N}, {0: N}, {0: N}))
+    session = onnx_session(program, tmp_path)
+    for n in (0, 300, 1500):
+        inputs = case(n)
+        expected = minseg.ops.batched_nms(*inputs, 0.5)
+        assert_equal(program.module()(*inputs), expected)
+        assert_onnx_close(session, inputs, expected)
+
+
 def test_save_and_cli(tmp_path):
     """`minseg export` writes a loadable pt2 (atomically: nothing else left in the folder); bad input: exit 2."""
     from minseg.cli import main

@@ -126,10 +126,10 @@ def _overlaps(rows: tuple[Tensor, ...], cols: tuple[Tensor, ...], threshold: flo
 
 def _none_per_row(mask: Tensor) -> Tensor:
     """Bool Tensor[R, C] -> Bool Tensor[R]: no True in the row (a uint8 max: far faster than `any` on CPU; `any`
-    where C may be 0, which max does not take, as for a data-dependent C in an exported graph)."""
-    if guard_or_false(mask.shape[1] > 0):
-        return mask.view(torch.uint8).amax(dim=1) == 0
-    return ~mask.any(dim=1)
+    where C is 0, which max does not take, and in exported graphs, where C may be 0 and ONNX has no bool view)."""
+    if torch.compiler.is_compiling() or mask.shape[1] == 0:
+        return ~mask.any(dim=1)
+    return mask.view(torch.uint8).amax(dim=1) == 0
 
 
 def _fixpoint(candidate: Tensor, inner: Tensor, steps_per_check: int = 1) -> Tensor:
