@@ -51,7 +51,8 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     survives = ~((iou > iou_threshold) | iou.isnan()).any(dim=1)  # (C, D)
 
     keep = torch.where(survives.view(-1))[0]  # class-major flat positions
-    classes, order, scores = keep // D, order.view(-1)[keep], scores.reshape(-1)[keep]
+    # (D >= 1 here in eager; an exported graph also runs this with no candidates, where D = 0 divides nothing)
+    classes, order, scores = keep // torch.sym_max(D, 1), order.view(-1)[keep], scores.reshape(-1)[keep]
     scores, best = scores.sort(0, descending=True)
     best = best[:max_detections]
     return order[best], classes[best], scores[:max_detections]
