@@ -1,4 +1,4 @@
-"""minseg's command line: list, convert, predict, train, eval, parity, bench. `minseg CMD --help` for each.
+"""minseg's command line: list, convert, predict, train, eval, export, parity, bench. `minseg CMD --help` for each.
 
 Bad input (missing file, wrong format, wrong architecture, corrupt or hostile checkpoint, unreadable
 image) ends with exit status 2 and one line on stderr naming the problem; no output file is left behind.
@@ -99,6 +99,27 @@ def cmd_predict(args) -> int:
         print(f"{path}: {json.loads(paths[-1].read_text())['summary']}", file=sys.stderr)
         for w in paths:
             print(w)
+    return 0
+
+
+def cmd_export(args) -> int:
+    import time
+
+    import minseg
+    from minseg.export import save
+    from minseg.files import same_file
+
+    out = Path(args.output)
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise UsageError(f"{args.weights}: no such weights file")
+    if args.weights is not None and same_file(out, Path(args.weights)):
+        raise UsageError(f"{out}: refusing to overwrite the input")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent}: no such directory")
+    model = minseg.create_model(args.model, weights=args.weights)
+    start = time.perf_counter()
+    save(model, out, format=args.format)
+    print(f"{args.model} -> {out} ({args.format}, {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     return 0
 
 
@@ -267,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=_positive_int, default=1000, help="steps between saves (default 1000; also at the end)")
     p.add_argument("--check-replicas", action="store_true", help="under torchrun: stop if the ranks' weights ever differ")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="export a model's whole inference path (torch.export .pt2 or ONNX)",
+                       description="Write the model's inference path, postprocessing included, as a torch.export "
+                                   "ExportedProgram (pt2) or an ONNX file; image height and width are dynamic.")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (see `minseg list`)")
+    p.add_argument("--weights", metavar="FILE", help="minseg .safetensors (default: random init)")
+    p.add_argument("--format", required=True, choices=["pt2", "onnx"])
+    p.add_argument("output", help="the file to write (atomically)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("parity", help="every model against its original: one table; exit 1 if any fails")
     p.add_argument("--model", action="append", help="only this model (repeatable)")

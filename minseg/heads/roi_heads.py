@@ -154,7 +154,7 @@ class RoIHeads(nn.Module):
 
     def forward(self, features: dict[str, Tensor], proposals: list[Tensor],
                 image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
-        counts = [len(p) for p in proposals]
+        counts = [p.shape[0] for p in proposals]  # (not len(): a data-dependent size when exported)
         with shared_feature_tables():  # the two poolers read one channels-last copy of the pyramid, freed after
             # 1. box head on every proposal, then per image selection
             x = self.box_head(self.box_pooler(features, proposals, image_sizes))   # (R, fc_dim)
@@ -168,9 +168,9 @@ class RoIHeads(nn.Module):
             pooled = self.mask_pooler(features, mask_boxes, image_sizes)            # (K, C, 14, 14)
         mask_logits = self.mask_head(pooled)
         labels = torch.cat([d["labels"] for d in detections])
-        index = torch.arange(len(labels), device=labels.device)
+        index = torch.arange(labels.shape[0], device=labels.device)
         mask_probs = mask_logits.sigmoid()[index, labels][:, None]                 # (K, 1, 28, 28)
-        for d, m in zip(detections, mask_probs.split([len(d["labels"]) for d in detections])):
+        for d, m in zip(detections, mask_probs.split([d["labels"].shape[0] for d in detections])):
             d["mask_probs"] = m
         return detections
 

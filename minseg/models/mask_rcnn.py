@@ -21,6 +21,7 @@ necks/fpn.py, heads/rpn.py and heads/roi_heads.py (configured the torchvision wa
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from minseg.models._predict import inference
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import AnchorGenerator
 from minseg.ops.box_coders import BoxCoder
-from minseg.ops.forms import device_scalar, copy_to_device
+from minseg.ops.forms import copy_to_device
 from minseg.ops.masks import paste_masks_torchvision
 from minseg.ops.poolers import MultiScaleRoIAlign
 
@@ -55,8 +56,9 @@ class TransformConfig:
 
 def resize_scale(h: int, w: int, min_size: int, max_size: int) -> float:
     """Scale that brings the shorter side to min_size unless the longer side would pass max_size (Python floats,
-    as torchvision's _resize_image_and_masks)."""
-    return min(min_size / min(h, w), max_size / max(h, w))
+    as torchvision's _resize_image_and_masks; torch.sym_min/sym_max are min/max that also take the symbolic
+    sizes of torch.export)."""
+    return torch.sym_min(min_size / torch.sym_min(h, w), max_size / torch.sym_max(h, w))
 
 
 class MaskRCNN(nn.Module):
@@ -82,24 +84,22 @@ class MaskRCNN(nn.Module):
                 torch.empty(1).uniform_(0.0, 1.0)  # so the samplers' randperm draws that follow match its
             H, W = image.shape[1:]
             scale = resize_scale(H, W, t.min_size, t.max_size)
-            if math.floor(H * scale) < 1 or math.floor(W * scale) < 1:  # torchvision fails inside interpolate
+            size = (math.floor(H * scale), math.floor(W * scale))  # F.interpolate's output size for `scale`
+            if not torch.compiler.is_compiling() and min(size) < 1:  # torchvision fails inside interpolate
                 raise ValueError(f"image {i} of {H}x{W} is too elongated: resized by {scale:.4g} (shorter side "
                                  f"towards {t.min_size}, longer at most {t.max_size}) a side would be 0 px; crop it")
             mean = copy_to_device(t.image_mean, image.dtype, image.device)
             std = copy_to_device(t.image_std, image.dtype, image.device)
             image = (image - mean[:, None, None]) / std[:, None, None]
-            # kept: scale_factor with recompute_scale_factor=True, so the output size is floor(side * scale)
-            # and the kernel uses side / output as its step, exactly as torchvision calls it
-            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True,
-                                  align_corners=False)[0]
+            # torchvision passes scale_factor with recompute_scale_factor=True: the output size is floor(side *
+            # scale) and the kernel steps by side / output, which is what passing that size does
+            image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
             resized.append(image)
-        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in resized]
-        d = float(t.size_divisible)
-        hp = int(math.ceil(max(h for h, _ in sizes) / d) * d)
-        wp = int(math.ceil(max(w for _, w in sizes) / d) * d)
-        batch = resized[0].new_zeros(len(resized), 3, hp, wp)
-        for i, im in enumerate(resized):
-            batch[i, :, : im.shape[1], : im.shape[2]].copy_(im)
+        sizes = [(im.shape[1], im.shape[2]) for im in resized]
+        d = t.size_divisible  # pad to ceil(side / d) * d, in integers (the sizes may be symbolic: torch.export)
+        hp = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
+        wp = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
+        batch = torch.stack([F.pad(im, (0, wp - im.shape[2], 0, hp - im.shape[1])) for im in resized])  # zeros
         return batch, sizes
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None
@@ -110,7 +110,7 @@ class MaskRCNN(nn.Module):
             return self.forward_train(images, targets)
         # 1. normalise, resize, pad; ResNet; FPN
         x, sizes = self.preprocess(images)
-        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        original_sizes = [(im.shape[-2], im.shape[-1]) for im in images]
         features = self.fpn(self.backbone(x))                      # {"p2": Tensor[N, 256, Hp/4, Wp/4], ..., "p6"}
         # 2. proposals, then detections with 28x28 mask probabilities at the resized scale
         proposals = self.rpn(features, sizes, (x.shape[-2], x.shape[-1]))
@@ -187,8 +187,8 @@ def postprocess(det: dict[str, Tensor], size: tuple[int, int], original: tuple[i
     """Detections at the resized scale -> boxes scaled to the original (h, w) (float32 ratios, as torchvision's
     resize_boxes) and masks pasted there as Tensor[K, 1, h, w] probabilities."""
     boxes = det["boxes"]
-    def scalar(n: int) -> Tensor:
-        return device_scalar(float(n), boxes, torch.float32)
+    def scalar(n: int) -> Tensor:  # a float32 0-dim tensor of a size, also of a symbolic one (torch.export)
+        return torch.full((), n, dtype=torch.float32, device=boxes.device)
 
     ratio_h, ratio_w = scalar(original[0]) / scalar(size[0]), scalar(original[1]) / scalar(size[1])
     x1, y1, x2, y2 = boxes.unbind(1)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.backbones.darknet import darknet53
 from minseg.backbones.resnet import resnet
@@ -180,7 +181,7 @@ class Yolact(nn.Module):
         if len(sizes) != outputs["proto"].shape[0]:
             raise ValueError(f"got {len(sizes)} sizes for a batch of {outputs['proto'].shape[0]} images")
         with torch.autocast(outputs["proto"].device.type, enabled=False):  # float32 masks and boxes
-            return [instances(det, proto.float(), int(h), int(w))
+            return [instances(det, proto.float(), torch.sym_int(h), torch.sym_int(w))  # (sizes may be symbolic)
                     for det, proto, (h, w) in zip(self.detect(outputs), outputs["proto"], sizes)]
 
     def preprocess(self, rgb) -> torch.Tensor:
@@ -222,7 +223,7 @@ def instances(det: dict[str, torch.Tensor], proto: torch.Tensor, h: int, w: int)
     """One image's detections + prototypes Tensor[S, S, k] -> boxes, labels, scores, masks at (h, w)."""
     boxes_rel, coeffs = det["boxes_rel"].float(), det["coeffs"].float()
     K = boxes_rel.shape[0]
-    if K == 0:
+    if guard_or_false(K == 0):  # (unknown when exported: the general path handles no detections too)
         return {"boxes": boxes_rel.new_zeros(0, 4), "labels": det["labels"], "scores": det["scores"].float(),
                 "masks": torch.zeros(0, h, w, dtype=torch.bool, device=proto.device)}
     # masks: one matmul (kept as the original's layout for bitwise parity), sigmoid, crop in prototype pixels
@@ -230,9 +231,10 @@ def instances(det: dict[str, torch.Tensor], proto: torch.Tensor, h: int, w: int)
     masks = crop_masks(masks, boxes_rel)
     masks = masks.permute(2, 0, 1).contiguous()  # (K, S, S)
     # resize to the image and threshold, a few masks at a time: the same numbers as all at once (each mask is
-    # resized on its own) without a [K, h, w] float tensor in memory
-    masks = torch.cat([F.interpolate(chunk[None], (h, w), mode="bilinear", align_corners=False)[0] > 0.5
-                       for chunk in masks.split(MASK_CHUNK)])  # (K, h, w)
+    # resized on its own) without a [K, h, w] float tensor in memory; all at once when exported (K is data-dependent)
+    chunks = [masks] if torch.compiler.is_compiling() else masks.split(MASK_CHUNK)
+    masks = torch.cat([F.interpolate(chunk[:, None], (h, w), mode="bilinear", align_corners=False)[:, 0] > 0.5
+                       for chunk in chunks])  # (K, h, w): K masks of one channel (K may be 0)
     # boxes: to pixels, ordered, clamped to the image
     x1, x2 = sanitize_coordinates(boxes_rel[:, 0], boxes_rel[:, 2], w)
     y1, y2 = sanitize_coordinates(boxes_rel[:, 1], boxes_rel[:, 3], h)

@@ -52,10 +52,11 @@ def grid_anchors(cell_anchors: Tensor, grid_size: tuple[int, int], stride: tuple
     H, W = grid_size
     stride_h, stride_w = stride
     device = cell_anchors.device
-    if offset == 0.0 and float(stride_h).is_integer() and float(stride_w).is_integer():
+    # (a stride from sizes is a torch.SymInt under torch.export: an integer whatever its value)
+    if offset == 0.0 and all(isinstance(s, torch.SymInt) or float(s).is_integer() for s in stride):
         # torchvision's integer shifts (int64 arange * stride); equal to detectron2's float arange for offset 0
-        shifts_x = torch.arange(0, W, dtype=torch.int64, device=device) * int(stride_w)
-        shifts_y = torch.arange(0, H, dtype=torch.int64, device=device) * int(stride_h)
+        shifts_x = torch.arange(0, W, dtype=torch.int64, device=device) * torch.sym_int(stride_w)
+        shifts_y = torch.arange(0, H, dtype=torch.int64, device=device) * torch.sym_int(stride_h)
     else:
         shifts_x = torch.arange(offset * stride_w, W * stride_w, step=stride_w, dtype=torch.float32, device=device)
         shifts_y = torch.arange(offset * stride_h, H * stride_h, step=stride_h, dtype=torch.float32, device=device)

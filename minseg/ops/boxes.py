@@ -9,13 +9,18 @@ two tied scores wins (ties are visited in index order, as the kernel's stable so
 visiting boxes one by one, boxes are taken in score-sorted blocks; inside a block the greedy decision is the
 unique fixpoint of "keep j unless a kept higher-scored box overlaps it", reached by a few boolean
 matrix-vector steps (Cluster-NMS, Zheng et al. 2020); the block's kept boxes then suppress later boxes at once.
+
+Under torch.export (and torch.compile) the number of boxes is a data-dependent size, so the traced form decides all
+boxes as one block and runs the fixpoint as a `torch.while_loop` (an ONNX Loop): the same decisions, one graph.
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.ops import forms, reference
 
@@ -98,10 +103,10 @@ def _threshold_below(iou_threshold: float, dtype: torch.dtype) -> float:
     """
     if dtype == torch.float64 or not math.isfinite(iou_threshold):
         return iou_threshold
-    t = torch.tensor(iou_threshold, dtype=torch.float32)
-    if t.item() > iou_threshold:
-        t = torch.nextafter(t, torch.tensor(-math.inf))
-    return t.item()
+    t = np.float32(iou_threshold)  # numpy, not a tensor: no tensor is made while torch.export traces
+    if float(t) > iou_threshold:
+        t = np.nextafter(t, np.float32(-math.inf))
+    return float(t)
 
 
 def _overlaps(rows: tuple[Tensor, ...], cols: tuple[Tensor, ...], threshold: float) -> Tensor:
@@ -120,10 +125,53 @@ def _overlaps(rows: tuple[Tensor, ...], cols: tuple[Tensor, ...], threshold: flo
 
 
 def _none_per_row(mask: Tensor) -> Tensor:
-    """Bool Tensor[R, C] -> Bool Tensor[R]: no True in the row (a uint8 max: far faster than `any` on CPU)."""
-    if mask.shape[1] == 0:
-        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
+    """Bool Tensor[R, C] -> Bool Tensor[R]: no True in the row (a uint8 max: far faster than `any` on CPU; `any`
+    where C is 0, which max does not take, and in exported graphs, where C may be 0 and ONNX has no bool view)."""
+    if torch.compiler.is_compiling() or mask.shape[1] == 0:
+        return ~mask.any(dim=1)
     return mask.view(torch.uint8).amax(dim=1) == 0
+
+
+def _fixpoint(candidate: Tensor, inner: Tensor, steps_per_check: int = 1) -> Tensor:
+    """Bool Tensor[B]: the greedy decisions of one block, k[j] = candidate[j] and no kept i < j overlaps j
+    (inner Bool Tensor[B, B], inner[j, i] for i < j), iterated from k = candidate until it stops changing.
+    Each convergence check is a host read: `steps_per_check` steps between checks. Traced (torch.export), the
+    loop is a torch.while_loop (an ONNX Loop) checked every step and bounded by B steps, which always suffice
+    (each step settles at least one more decision): the bound also ends it where a runtime's `any` of nothing
+    is True (onnxruntime's)."""
+    def step(k: Tensor) -> Tensor:
+        return candidate & _none_per_row(inner & k[None, :])
+
+    if torch.compiler.is_compiling():
+        bound = torch.full((), candidate.shape[0], device=candidate.device)
+
+        def body(k: Tensor, changed: Tensor, steps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            new = step(k)
+            return new, (new != k).any(), steps + 1
+
+        k, steps = step(candidate), torch.ones((), dtype=torch.int64, device=candidate.device)
+        return torch.while_loop(lambda k, changed, steps: changed & (steps < bound), body,
+                                (k, (k != candidate).any(), steps))[0]
+    k = candidate
+    while True:
+        for _ in range(steps_per_check - 1):
+            k = step(k)
+        new_k = step(k)
+        if torch.equal(new_k, k):
+            return k
+        k = new_k
+
+
+def _greedy_keep_one_block(boxes: Tensor, threshold: float, labels: Tensor | None = None) -> Tensor:
+    """`_greedy_keep` with all N boxes in one block: the traced form (N is a data-dependent size in an exported
+    graph, so it cannot be cut into blocks). The same decisions, with (N, N) temporaries."""
+    x1, y1, x2, y2 = boxes.unbind(1)
+    coords = (x1, y1, x2, y2, (x2 - x1) * (y2 - y1))
+    over = _overlaps(coords, coords, threshold)  # (N, N)
+    if labels is not None:
+        over &= labels[:, None] == labels[None, :]
+    candidate = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    return _fixpoint(candidate, torch.tril(over, diagonal=-1))
 
 
 def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, block: int | None = None,
@@ -173,14 +221,7 @@ def _greedy_keep(boxes: Tensor, threshold: float, labels: Tensor | None = None, 
             if inner is None:  # inner[j, i]: box i < j of the block overlaps box j
                 inner = torch.tril(over[:, -B:], diagonal=-1)  # (B, B)
             candidate &= _none_per_row(over[:, :max(0, min(c1, n_prev) - c0)])  # earlier kept boxes
-        k = candidate
-        while True:  # a convergence check is a host read: on GPUs, a few steps between checks
-            for _ in range(steps_per_check - 1):
-                k = candidate & _none_per_row(inner & k[None, :])
-            new_k = candidate & _none_per_row(inner & k[None, :])
-            if torch.equal(new_k, k):
-                break
-            k = new_k
+        k = _fixpoint(candidate, inner, steps_per_check)
         keep[start:stop] = k
         if stop < N:  # the next blocks compare with this block's kept boxes
             k = torch.where(k)[0]
@@ -216,15 +257,17 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, *, impl: str = "aut
     """
     _check_nms_inputs(boxes, scores)
     form = forms.choose(impl, boxes)
-    if boxes.numel() == 0:
+    if guard_or_false(boxes.numel() == 0):  # (unknown while tracing: the general path handles no boxes too)
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     boxes = _upcast(boxes)
     if form == "reference":
         return reference.nms(boxes, scores, iou_threshold).to(boxes.device)
     # a stable sort: torchvision's kernel visits tied scores in index order
     order = scores.sort(dim=0, descending=True, stable=True)[1]
-    keep = _greedy_keep(boxes[order], _threshold_below(iou_threshold, boxes.dtype), cpu=form == "cpu")
-    return order[keep]
+    threshold = _threshold_below(iou_threshold, boxes.dtype)
+    if torch.compiler.is_compiling():
+        return order[_greedy_keep_one_block(boxes[order], threshold)]
+    return order[_greedy_keep(boxes[order], threshold, cpu=form == "cpu")]
 
 
 def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, cpu: bool) -> Tensor:
@@ -244,6 +287,35 @@ def _class_aware_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold:
     return kept[scores[kept].sort(descending=True)[1]]
 
 
+def _per_class_above(boxes: Tensor) -> int:
+    """torchvision's switch: batched_nms runs per class above this many box coordinates."""
+    return 4000 if boxes.device.type == "cpu" else 100_000
+
+
+def _batched_nms_traced(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """batched_nms as one graph (torch.export): N is a data-dependent size there, so torchvision's switch cannot
+    be a Python branch. Both of its paths are one greedy pass over boxes grouped by a label (the offset path:
+    shifted boxes, all one label, by score; the per-class path: boxes by class, then score), whose inputs and
+    final order are picked by tensor selects. The same kept indices, in the same order, as the eager paths."""
+    N = boxes.shape[0]
+    per_class = torch.full((), N * 4, device=boxes.device) > _per_class_above(boxes)  # a 0-dim bool tensor
+    max_coordinate = torch.cat((boxes.flatten(), boxes.new_full((1,), -math.inf))).max()  # no boxes: -inf
+    shifted = _upcast(boxes + (idxs.to(boxes) * (max_coordinate + 1))[:, None])  # the offset path's boxes
+    by_score = scores.sort(dim=0, descending=True, stable=True)[1]
+    by_class = by_score[idxs[by_score].sort(stable=True)[1]]
+    order = torch.where(per_class, by_class, by_score)
+    grouped = torch.where(per_class, _upcast(boxes), shifted)[order]
+    labels = torch.where(per_class, idxs[order], 0)
+    keep = _greedy_keep_one_block(grouped, _threshold_below(iou_threshold, grouped.dtype), labels)
+    keep_mask = torch.empty_like(scores, dtype=torch.bool)
+    keep_mask[order] = keep
+    kept = torch.where(keep_mask)[0]
+    by_class_result = kept[scores[kept].sort(descending=True)[1]]  # _class_aware_nms's unstable sort
+    by_score_result = by_score[keep_mask[by_score]]  # nms's order[keep]
+    torch._check(by_class_result.shape[0] == by_score_result.shape[0])
+    return torch.where(per_class, by_class_result, by_score_result)
+
+
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float, *, impl: str = "auto") -> Tensor:
     """NMS independently per category, identical to torchvision.ops.batched_nms (the same kept set as
     `minseg.ops.reference.batched_nms` for non-negative boxes; equal scores may come out in another order).
@@ -257,12 +329,14 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     impl: as nms's.
     """
     form = forms.choose(impl, boxes)
-    if boxes.numel() == 0:
+    if guard_or_false(boxes.numel() == 0):  # (unknown while tracing: the general path handles no boxes too)
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     _check_nms_inputs(boxes, scores)  # after the empty case, as torchvision's
     if form == "reference":
         return reference.batched_nms(_upcast(boxes), scores, idxs, iou_threshold).to(boxes.device)
-    if boxes.numel() > (4000 if boxes.device.type == "cpu" else 100_000):
+    if torch.compiler.is_compiling():
+        return _batched_nms_traced(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() > _per_class_above(boxes):
         return _class_aware_nms(boxes, scores, idxs, iou_threshold, cpu=form == "cpu")
     max_coordinate = boxes.max()
     offsets = idxs.to(boxes) * (max_coordinate + 1)  # (N,) one float32 add, as torchvision's tensor(1) add

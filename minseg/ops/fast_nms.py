@@ -11,6 +11,7 @@ the original exactly. Boxes are xyxy in any consistent unit (YOLACT passes relat
 from __future__ import annotations
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.ops import forms, reference
 from minseg.ops.boxes import box_iou
@@ -37,7 +38,7 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     if forms.choose(impl, scores) == "reference":
         return reference.fast_nms(boxes, scores, iou_threshold, top_k, max_detections)
     C, N = scores.shape
-    if N == 0:
+    if guard_or_false(N == 0):  # (unknown when exported: the general path handles no candidates too)
         return _empty(scores)
     scores, order = scores.sort(1, descending=True)
     order = order[:, :top_k].contiguous()  # (C, D)
@@ -46,10 +47,12 @@ def fast_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0
     candidates = boxes[order.view(-1), :].view(C, D, 4)  # (C, D, 4)
 
     iou = box_iou(candidates, candidates).triu_(diagonal=1)  # only pairs (higher-scored i, lower j)
-    survives = iou.max(dim=1).values <= iou_threshold  # (C, D)
+    # the original's iou.max(dim=1) <= threshold (NaN: dropped), as `any`, which also takes D = 0
+    survives = ~((iou > iou_threshold) | iou.isnan()).any(dim=1)  # (C, D)
 
     keep = torch.where(survives.view(-1))[0]  # class-major flat positions
-    classes, order, scores = keep // D, order.view(-1)[keep], scores.reshape(-1)[keep]
+    # (D >= 1 here in eager; an exported graph also runs this with no candidates, where D = 0 divides nothing)
+    classes, order, scores = keep // torch.sym_max(D, 1), order.view(-1)[keep], scores.reshape(-1)[keep]
     scores, best = scores.sort(0, descending=True)
     best = best[:max_detections]
     return order[best], classes[best], scores[:max_detections]

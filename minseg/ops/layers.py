@@ -43,11 +43,24 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, arithmetic={self.arithmetic}"
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same state, same training), whose eval forward also traces with a data-dependent batch size
+    (torch.export: the RoI heads' norms see as many RoIs as survived NMS). nn.BatchNorm2d's eval path reaches the
+    kernel `_native_batch_norm_legit_no_training` through a check for an empty batch that torch.export cannot
+    decide; traced, this calls the kernel directly (the same values)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or not self.track_running_stats or not torch.compiler.is_compiling():
+            return super().forward(x)
+        return torch.ops.aten._native_batch_norm_legit_no_training(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.momentum or 0.0, self.eps)[0]
+
+
 def make_norm(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
-    """'bn' -> nn.BatchNorm2d, 'frozen' -> FrozenBatchNorm2d (affine), 'frozen_bn' -> FrozenBatchNorm2d via F.batch_norm
-    (detectron2's choice), 'gn' -> GroupNorm(32)."""
+    """'bn' -> BatchNorm2d (nn.BatchNorm2d that exports with a data-dependent batch), 'frozen' -> FrozenBatchNorm2d
+    (affine), 'frozen_bn' -> FrozenBatchNorm2d via F.batch_norm (detectron2's choice), 'gn' -> GroupNorm(32)."""
     if kind == "bn":
-        return nn.BatchNorm2d(channels, eps=eps)
+        return BatchNorm2d(channels, eps=eps)
     if kind == "frozen":
         return FrozenBatchNorm2d(channels, eps=eps, arithmetic="affine")
     if kind == "frozen_bn":

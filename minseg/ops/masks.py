@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.ops import forms, reference
 
@@ -92,7 +93,7 @@ def paste_masks_torchvision(masks: Tensor, boxes: Tensor, image_shape: tuple[int
         return reference.paste_masks_torchvision(masks, boxes, image_shape, padding)
     N, _, M, _ = masks.shape
     H, W = image_shape
-    if N == 0:
+    if guard_or_false(N == 0):  # (unknown when exported: the general path pastes no masks too)
         return masks.new_zeros(0, 1, H, W)
     padded = F.pad(masks, (padding,) * 4)[:, 0].double()  # (N, Mp, Mp)
     Mp = padded.shape[-1]

@@ -106,9 +106,20 @@ def multiscale_roi_align(features: list[Tensor], rois: Tensor, levels: Tensor, s
 
 
 def infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
-    """torchvision's _infer_scale: the power of two closest to feature height / image height."""
-    approx = float(feature.shape[-2]) / float(image_size[0])
+    """torchvision's _infer_scale: the power of two closest to feature height / image height.
+
+    Under torch.export the sizes are symbolic and the scale is that of the sizes traced: the exported program
+    keeps it for every size. For a feature of stride s <= 32 of an image padded to a multiple of s, that is the
+    same scale, 1 / s, for any (largest, resized) image height over 77 px: at 77 or less, eager can round to 2 / s.
+    """
+    height, image_height = (size_hint(n) for n in (feature.shape[-2], image_size[0]))
+    approx = float(height) / float(image_height)
     return 2 ** float(torch.tensor(approx).log2().round())
+
+
+def size_hint(n: int | torch.SymInt) -> int:
+    """A size, or the value a symbolic size (torch.export) had in the example it was traced with."""
+    return n.node.hint if isinstance(n, torch.SymInt) else n
 
 
 class MultiScaleRoIAlign(nn.Module):

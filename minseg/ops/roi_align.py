@@ -39,6 +39,7 @@ import bisect
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from minseg.ops import forms, reference
 from minseg.ops.feature_table import compute_dtype, feature_table
@@ -109,7 +110,10 @@ def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> 
     bags of one row), a sample's value adds its 4 products left to right.
     """
     C = table.shape[1]
-    p = F.embedding_bag(idx.reshape(-1, 1), table, per_sample_weights=wts.reshape(-1, 1), mode="sum")  # (4*S, C)
+    if torch.compiler.is_compiling():  # exported: the same products as a gather (ONNX loops over embedding bags)
+        p = table[idx.reshape(-1)] * wts.reshape(-1, 1)  # (4*S, C); -0.0 products become +0.0 below (acc += 0.0)
+    else:
+        p = F.embedding_bag(idx.reshape(-1, 1), table, per_sample_weights=wts.reshape(-1, 1), mode="sum")  # (4*S, C)
     p = p.view(4, -1, C)
     val = p[0]  # (S, C) sample values, summed in place
     val += p[1]
@@ -173,8 +177,11 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     idx = idx.permute(4, 3, 0, 1, 2).reshape(4, G, M)  # (tap, slot (iy, ix), bin (k, ph, pw))
     wts = wts.permute(4, 3, 0, 1, 2).reshape(4, G, M)
     B = max(1, _MAX_VALUES // (4 * G * C))  # bins per group: the group's products stay in cache
+    traced = torch.compiler.is_compiling()  # exported: M is a data-dependent size, one group (the same sums)
+    if traced:
+        B = M
     sums = table.new_empty((M, C))  # filled group by group: a group's sums are a view into its products
-    for b in range(0, M, B):
+    for b in ([0] if traced else range(0, M, B)):
         sums[b:b + B] = _sum_samples(table, idx[:, :, b:b + B].reshape(4, -1), wts[:, :, b:b + B].reshape(4, -1),
                                      [min(B, M - b)] * G)
     return sums.div_(device_scalar(max(G, 1), sums))
@@ -302,14 +309,17 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
     """
     K, C = rois.shape[0], table.shape[1]
     Ph, Pw = P
-    if K * C * Ph * Pw == 0:  # nothing to pool
+    if guard_or_false(K * C * Ph * Pw == 0):  # nothing to pool (unknown when exported: the general path copes)
         return table.new_zeros((K, C, Ph, Pw))
     max_entries = _MAX_ENTRIES_GPU if fused else _MAX_ENTRIES
     if sampling_ratio > 0:
         step = max(1, max_entries // (Ph * Pw * 4 * sampling_ratio**2))
+        traced = torch.compiler.is_compiling()  # exported: K is a data-dependent size, one run (the same values)
+        if traced:
+            step = K
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned, fused)
-                         for s in range(0, K, step)])
+                         for s in ([0] if traced else range(0, K, step))])
     else:  # every RoI's grid read to the host once: chunks and shapes depend on it
         gh, gw = _adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
