@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import minseg
 from minseg.heads.matching import BalancedSampler, Matcher
@@ -93,6 +93,12 @@ def quality_matrices(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(quality_matrices(), st.booleans())
+# the cases named in issue 18, always run: ties in a gt's row (two best predictions) and in a prediction's
+# column (two gts), a gt with no match above any threshold (low-quality matching gives it its best), no gt
+@example(torch.tensor([[0.9, 0.9, 0.1, 0.0], [0.1, 0.2, 0.2, 0.0], [0.1, 0.2, 0.5, 0.0]]), True)
+@example(torch.tensor([[0.9, 0.9, 0.1, 0.0], [0.1, 0.2, 0.2, 0.0], [0.1, 0.2, 0.5, 0.0]]), False)
+@example(torch.tensor([[0.1, 0.2], [0.1, 0.2]]), True)
+@example(torch.zeros(0, 3), True)
 def test_matcher_matches_torchvision(quality, rpn):
     from torchvision.models.detection._utils import Matcher as TVMatcher
 
@@ -111,6 +117,9 @@ def test_matcher_matches_torchvision(quality, rpn):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.sampled_from([-1, 0, 1, 2]), min_size=0, max_size=40), min_size=1, max_size=3),
        st.sampled_from([(8, 0.5), (4, 0.25), (64, 0.25)]), st.integers(0, 1000))
+@example([[0, 0, -1, 0, 0, 0]], (4, 0.25), 0)  # an all-negative image
+@example([[1] * 12 + [0] * 3 + [-1], [2, 1, 0]], (8, 0.5), 1)  # 12 positives, 4 taken; fewer negatives than room
+@example([[-1, -1], []], (8, 0.5), 2)  # nothing to sample
 def test_sampler_matches_torchvision(labels, params, seed):
     """Ties, all-negative images, more positives than the sampler takes: the same picks from the same seed."""
     from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
