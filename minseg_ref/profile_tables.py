@@ -3,7 +3,8 @@
 For the GPU session that has to explain a ratio: per workload and side it prints the wall time, the host
 (CPU) time, the device time, the number of kernel launches and the ops that take the most device time (or
 host time, on the CPU). Workloads: a Mask R-CNN forward (2 images, 100 detections each, as `minseg bench`),
-RoIAlign 7x7 sampling 2 and 0, and NMS on 1000 boxes (as `minseg_ref.bench_ops`).
+a Mask R-CNN training step at min_size 320 (forward, five losses, backward; `minseg bench --train`'s step at a
+size that profiles quickly), RoIAlign 7x7 sampling 2 and 0, and NMS on 1000 boxes (as `minseg_ref.bench_ops`).
 
     python -m minseg_ref.profile_tables [--device cuda] [--rows N] [WORKLOAD ...]
 """
@@ -23,7 +24,7 @@ def workloads(device: str) -> dict:
     import torchvision.ops as tvo
 
     import minseg.ops as mo
-    from minseg_ref import bench_maskrcnn
+    from minseg_ref import bench_maskrcnn, bench_maskrcnn_train
     from minseg_ref.bench_ops import nms_inputs, roi_inputs
 
     def roi(sr: int, aligned: bool) -> dict:
@@ -36,6 +37,7 @@ def workloads(device: str) -> dict:
         return {"ours": lambda: mo.nms(boxes, scores, 0.5), "original": lambda: tvo.nms(boxes, scores, 0.5)}
 
     return {"maskrcnn_resnet50_fpn": lambda: bench_maskrcnn.forwards("maskrcnn_resnet50_fpn", device),
+            "maskrcnn_train_320": lambda: bench_maskrcnn_train.train_steps("maskrcnn_resnet50_fpn", device, 320),
             "roi_align_7x7_sr2": lambda: roi(2, False), "roi_align_7x7_sr0": lambda: roi(0, True), "nms_1000": nms}
 
 

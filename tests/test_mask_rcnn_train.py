@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 import minseg
 from minseg.heads.matching import BalancedSampler, Matcher
@@ -93,6 +93,12 @@ def quality_matrices(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(quality_matrices(), st.booleans())
+# the cases named in issue 18, always run: ties in a gt's row (two best predictions) and in a prediction's
+# column (two gts), a gt with no match above any threshold (low-quality matching gives it its best), no gt
+@example(torch.tensor([[0.9, 0.9, 0.1, 0.0], [0.1, 0.2, 0.2, 0.0], [0.1, 0.2, 0.5, 0.0]]), True)
+@example(torch.tensor([[0.9, 0.9, 0.1, 0.0], [0.1, 0.2, 0.2, 0.0], [0.1, 0.2, 0.5, 0.0]]), False)
+@example(torch.tensor([[0.1, 0.2], [0.1, 0.2]]), True)
+@example(torch.zeros(0, 3), True)
 def test_matcher_matches_torchvision(quality, rpn):
     from torchvision.models.detection._utils import Matcher as TVMatcher
 
@@ -111,6 +117,9 @@ def test_matcher_matches_torchvision(quality, rpn):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.lists(st.sampled_from([-1, 0, 1, 2]), min_size=0, max_size=40), min_size=1, max_size=3),
        st.sampled_from([(8, 0.5), (4, 0.25), (64, 0.25)]), st.integers(0, 1000))
+@example([[0, 0, -1, 0, 0, 0]], (4, 0.25), 0)  # an all-negative image
+@example([[1] * 12 + [0] * 3 + [-1], [2, 1, 0]], (8, 0.5), 1)  # 12 positives, 4 taken; fewer negatives than room
+@example([[-1, -1], []], (8, 0.5), 2)  # nothing to sample
 def test_sampler_matches_torchvision(labels, params, seed):
     """Ties, all-negative images, more positives than the sampler takes: the same picks from the same seed."""
     from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
@@ -140,3 +149,43 @@ def test_roi_align_backward(aligned, sampling):
         assert torch.equal(ours, expected)
     else:
         assert max_rel(ours, expected) < 1e-6
+
+
+@pytest.mark.parametrize("sampling", [0, 2])
+def test_roi_align_backward_in_steps(monkeypatch, sampling):
+    """The backward adds its terms in steps of whole RoIs (bounding its temporaries); the steps change no bit."""
+    import minseg.ops.roi_align_backward as backward
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 18, 22, generator=g, requires_grad=True)
+    xy = torch.rand(30, 2, generator=g) * 40 - 4
+    boxes = torch.cat((torch.randint(0, 2, (30, 1), generator=g).float(), xy, xy + torch.rand(30, 2, generator=g) * 24),
+                      dim=1)
+    grad = torch.randn(30, 6, 5, 5, generator=g)
+    whole, = torch.autograd.grad(roi_align(x, boxes, (5, 5), 0.5, sampling, True), x, grad)
+    monkeypatch.setattr(backward, "_MAX_ENTRIES", 700)  # runs of a few RoIs for the tap geometry
+    monkeypatch.setattr(backward, "_MAX_VALUES", 6 * 150)  # steps of one or two RoIs for the terms
+    steps, = torch.autograd.grad(roi_align(x, boxes, (5, 5), 0.5, sampling, True), x, grad)
+    assert torch.equal(steps, whole)
+    if sampling > 0:
+        expected, = torch.autograd.grad(torchvision.ops.roi_align(x, boxes, (5, 5), 0.5, sampling, True), x, grad)
+        assert torch.equal(whole, expected)
+
+
+def test_roi_align_backward_skips_samples_outside_the_map():
+    """Samples outside the map add nothing, as torchvision's kernel skips them, even where the incoming gradient is
+    inf or NaN (a product with their zero weight would spread NaN to pixel (0, 0))."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, 10, 12, generator=g, requires_grad=True)
+    boxes = torch.tensor([[0, -40.0, -40, -20, -20], [0, -6, -6, 10, 8], [0, 4, 2, 30, 20], [0, 30, 30, 90, 80]])
+    grad = torch.randn(4, 3, 3, 3, generator=g)
+    grad[0] = float("nan")  # RoI 0 lies wholly outside the map
+    grad[1, :, 0, 0] = float("inf")  # RoI 1's first bin is partly outside
+    for sampling in (2, 0):
+        expected, = torch.autograd.grad(torchvision.ops.roi_align(x, boxes, 3, 0.5, sampling, False), x, grad)
+        ours, = torch.autograd.grad(roi_align(x, boxes, 3, 0.5, sampling, False), x, grad)
+        assert expected.isfinite().all() and ours.isfinite().all()
+        if sampling > 0:
+            assert torch.equal(ours, expected)
+        else:
+            assert max_rel(ours, expected) < 1e-6

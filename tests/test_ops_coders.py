@@ -122,3 +122,73 @@ def test_grid_anchors_with_offset():
     ys, xs = torch.meshgrid(torch.arange(3.0), torch.arange(4.0), indexing="ij")
     centres = torch.stack(((xs.reshape(-1) + 0.5) * 8, (ys.reshape(-1) + 0.5) * 8), dim=1)
     torch.testing.assert_close(anchors, torch.cat([centres - 8, centres + 8], dim=1), rtol=0, atol=0)
+
+
+def direct_encode(targets, references, weights):
+    """The R-CNN deltas written out in float64: (wx (cx' - cx) / w, wy (cy' - cy) / h, ww log(w' / w), wh log(h' / h))."""
+    t, r = targets.double(), references.double()
+    w, h = r[:, 2] - r[:, 0], r[:, 3] - r[:, 1]
+    tw, th = t[:, 2] - t[:, 0], t[:, 3] - t[:, 1]
+    dx = weights[0] * ((t[:, 0] + tw / 2) - (r[:, 0] + w / 2)) / w
+    dy = weights[1] * ((t[:, 1] + th / 2) - (r[:, 1] + h / 2)) / h
+    return torch.stack((dx, dy, weights[2] * torch.log(tw / w), weights[3] * torch.log(th / h)), dim=1)
+
+
+def direct_decode(deltas, references, weights, clamp=math.log(1000.0 / 16)):
+    """Boxes from deltas Tensor[N, K*4] in float64: centre + (d / weight) * size, size * exp(min(d / weight, clamp))."""
+    d, r = deltas.double(), references.double()
+    w, h = r[:, 2:3] - r[:, 0:1], r[:, 3:4] - r[:, 1:2]
+    cx, cy = r[:, 0:1] + w / 2, r[:, 1:2] + h / 2
+    pcx, pcy = cx + d[:, 0::4] / weights[0] * w, cy + d[:, 1::4] / weights[1] * h
+    pw = w * torch.exp(torch.clamp(d[:, 2::4] / weights[2], max=clamp))
+    ph = h * torch.exp(torch.clamp(d[:, 3::4] / weights[3], max=clamp))
+    return torch.stack((pcx - pw / 2, pcy - ph / 2, pcx + pw / 2, pcy + ph / 2), dim=2).flatten(1)  # (N, K*4)
+
+
+CODERS = st.sampled_from([mo.BoxCoder, mo.Box2BoxTransform])
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), st.integers(1, 3), WEIGHTS, CODERS,
+       st.sampled_from([1.0, 4.0, 12.0]))
+def test_coders_equal_the_direct_float64_formula(seed, n, k, weights, coder, spread):
+    """Both coders, float64 in: the formula to float64 rounding; float32 in: to float32 rounding (detectron2's
+    decodes in float32 whatever comes in). `spread` scales the deltas, so that dw, dh / weight cross the
+    log(1000/16) clamp in some draws."""
+    g = torch.Generator().manual_seed(seed)
+    references, targets = random_boxes(g, n), random_boxes(g, n)
+    deltas = torch.randn(n, 4 * k, generator=g) * spread
+    c = coder(weights)
+    for dtype, rtol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        refs = references.to(dtype)
+        encoded = c.encode(targets.to(dtype), refs)
+        torch.testing.assert_close(encoded.double(), direct_encode(targets.to(dtype), refs, weights),
+                                   rtol=rtol, atol=rtol * 100)  # dx, dy near 0 are differences of centres
+        decoded = c.decode(deltas.to(dtype), refs)
+        rtol = 1e-12 if decoded.dtype == torch.float64 else 1e-5
+        expected = direct_decode(deltas.to(dtype), refs, weights)
+        torch.testing.assert_close(decoded.double(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
+
+
+@SETTINGS
+@given(st.integers(0, 2**31 - 1), st.integers(1, 40), WEIGHTS, CODERS)
+def test_coders_round_trip_in_float64(seed, n, weights, coder):
+    """decode(encode(t, r), r) = t where every size ratio is within the clamp; beyond it decoding stops at a size
+    1000/16 times the reference's (the clamp), keeping the target's centre. To float64 rounding (float32 for
+    detectron2's decode)."""
+    g = torch.Generator().manual_seed(seed)
+    # sides 10..410: every size ratio within 41 < 1000/16
+    references, targets = random_boxes(g, n, min_size=10.0).double(), random_boxes(g, n, min_size=10.0).double()
+    c = coder(weights)
+    deltas = c.encode(targets, references)
+    tol = 1e-12 if c.decode(deltas, references).dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(c.decode(deltas, references).double(), targets, rtol=tol, atol=tol * 1e3)
+    # targets far larger than their references: width and height clamped at 1000/16 of the reference's
+    huge = targets.clone()
+    huge[:, 2:] = huge[:, :2] + 100 * (references[:, 2:] - references[:, :2])
+    decoded = c.decode(c.encode(huge, references), references).double()
+    ref_w, ref_h = references[:, 2] - references[:, 0], references[:, 3] - references[:, 1]
+    torch.testing.assert_close(decoded[:, 2] - decoded[:, 0], ref_w * 1000 / 16, rtol=tol * 10, atol=0)
+    torch.testing.assert_close(decoded[:, 3] - decoded[:, 1], ref_h * 1000 / 16, rtol=tol * 10, atol=0)
+    centres = huge[:, :2] + huge[:, 2:]
+    torch.testing.assert_close(decoded[:, :2] + decoded[:, 2:], centres, rtol=tol, atol=tol * 1e4)

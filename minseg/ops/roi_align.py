@@ -1,15 +1,10 @@
-"""RoIAlign (He et al., Mask R-CNN 2017) in plain tensor ops, and multi-scale (FPN) RoI pooling.
+"""RoIAlign (He et al., Mask R-CNN 2017) in plain tensor ops: `roi_align`, its module, and `roi_align_table`
+(every RoI reading its own map out of one channels-last table: what the FPN pooler, ops/poolers.py, runs on).
 
 Each output bin of a RoI is the mean of a grid of bilinearly interpolated samples. We follow torchvision's
-CPU kernel (torchvision/csrc/ops/cpu/roi_align_kernel.cpp and roi_align_common.h) rule for rule:
-
-- RoI in feature coordinates: start = x1 * scale - offset, with offset 0.5 when `aligned` (pixel centres at
-  .5) and 0 otherwise; without `aligned` a RoI is at least 1x1.
-- Each of the P bins per axis holds g samples at start + p * bin + (i + .5) * bin / g, where g is
-  `sampling_ratio`, or ceil(roi_size / P) per RoI and per axis when sampling_ratio <= 0 (adaptive).
-- A sample outside [-1, size] (on either axis) has weight 0 and reads pixel (0, 0); one in [-1, 0] reads
-  row 0; one past size - 1 reads the last row.
-- The bin value is the sum over samples divided by max(g_h * g_w, 1).
+CPU kernel (torchvision/csrc/ops/cpu/roi_align_kernel.cpp and roi_align_common.h) rule for rule: where the
+samples fall and which pixels they read is ops/roi_align_taps.py; the bin value is the sum over samples
+divided by max(g_h * g_w, 1).
 
 The float order is the kernel's too, so float32 results are bitwise equal to torchvision's CPU op: a sample's
 value is w1*v1 + w2*v2 + w3*v3 + w4*v4 (each product rounded, summed left to right), and a bin adds its
@@ -27,10 +22,8 @@ The "gpu" form (`impl`, see ops/forms.py; the default on GPUs) sends the same ta
 order (as torchvision's CUDA kernel is not bitwise its CPU kernel). The plain math is
 `minseg.ops.reference.roi_align`.
 
-Backward (`_RoIAlignFunction`): torchvision's kernel, tap by tap: each tap adds grad(bin) * w / count to its
-pixel, RoIs, bins, samples and taps in the forward's order (one `index_add_` per step, which adds rows in
-order), so the CPU gradient is bitwise torchvision's. None flows into the boxes, as in torchvision. The
-backward uses only differentiable tensor ops, so it has a backward of its own (double backward).
+Backward (`_RoIAlignFunction`): ops/roi_align_backward.py, bitwise torchvision's CPU backward, none into the
+boxes, and twice differentiable.
 """
 from __future__ import annotations
 
@@ -44,6 +37,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_false
 from minseg.ops import forms, reference
 from minseg.ops.feature_table import compute_dtype, feature_table
 from minseg.ops.forms import device_scalar
+from minseg.ops.roi_align_backward import pool_grad
+from minseg.ops.roi_align_taps import adaptive_chunks, adaptive_grid, adaptive_taps, fixed_taps
 
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
 _MAX_ENTRIES_GPU = 1 << 24  # on GPUs each run costs ~100 kernel launches: fewer, larger runs (~200 MB of taps)
@@ -61,45 +56,6 @@ def boxes_to_rois(boxes: Tensor | list[Tensor]) -> Tensor:
     concat = torch.cat(boxes, dim=0)
     ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)  # (K, 1)
     return torch.cat([ids, concat], dim=1)
-
-
-def _bilinear_taps(pos: Tensor, size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sample positions along one axis -> (lo, hi) int64 rows, (w_lo, w_hi) weights (0 where invalid), valid.
-
-    pos: float Tensor[...]; size: Tensor broadcastable to pos (the feature size on this axis).
-    roi_align_common.h: invalid outside [-1, size]; clamp below at 0; at or past size - 1 read size - 1 only;
-    w_lo = 1 - frac, w_hi = frac, as the kernel's hy = 1 - ly, ly.
-    """
-    valid = (pos >= -1.0) & (pos <= size)  # NaN positions are invalid, as in the kernel
-    pos = torch.where(valid, pos.clamp(min=0), 0.0)
-    last = (size - 1).to(pos.dtype)
-    lo = pos.floor()
-    at_edge = lo >= last
-    lo = torch.where(at_edge, last, lo)
-    pos = torch.where(at_edge, lo, pos)
-    frac = pos - lo
-    w_hi = torch.where(valid, frac, 0.0)
-    w_lo = torch.where(valid, 1 - frac, 0.0)
-    lo = lo.long()
-    hi = torch.where(at_edge, lo, lo + 1)
-    return lo, hi, w_lo, w_hi, valid
-
-
-def _sample_taps(base: Tensor, width: Tensor, y: tuple[Tensor, ...],
-                 x: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-axis taps of samples (broadcast together) -> table rows and weights Tensor[..., 4] in w1..w4 order,
-    and which samples are valid, Bool Tensor[...].
-
-    y, x: `_bilinear_taps` results; base, width: broadcastable int64. (w1, w2, w3, w4) = (hy*hx, hy*lx, ly*hx,
-    ly*lx) at (lo, lo), (lo, hi), (hi, lo), (hi, hi); a sample invalid on either axis reads pixel (0, 0).
-    """
-    ylo, yhi, wylo, wyhi, yvalid = y
-    xlo, xhi, wxlo, wxhi, xvalid = x
-    valid = yvalid & xvalid
-    rows = torch.stack((ylo, ylo, yhi, yhi), dim=-1) * width[..., None] + torch.stack((xlo, xhi, xlo, xhi), dim=-1)
-    idx = base[..., None] + torch.where(valid[..., None], rows, 0)  # (..., 4)
-    wts = torch.stack((wylo, wylo, wyhi, wyhi), dim=-1) * torch.stack((wxlo, wxhi, wxlo, wxhi), dim=-1)
-    return idx, wts, valid
 
 
 def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> Tensor:
@@ -128,48 +84,10 @@ def _sum_samples(table: Tensor, idx: Tensor, wts: Tensor, active: list[int]) -> 
     return acc
 
 
-def _roi_geometry(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, ...]:
-    """Per-RoI start and bin size along y and x, and the RoI sizes, in the kernel's float order."""
-    offset = 0.5 if aligned else 0.0
-    x1 = rois[:, 1] * scale - offset
-    y1 = rois[:, 2] * scale - offset
-    x2 = rois[:, 3] * scale - offset
-    y2 = rois[:, 4] * scale - offset
-    roi_w, roi_h = x2 - x1, y2 - y1
-    if not aligned:  # kept: malformed RoIs are forced to 1x1
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    return y1, x1, roi_h / device_scalar(P[0], roi_h), roi_w / device_scalar(P[1], roi_w), roi_h, roi_w
-
-
-def _positions(start: Tensor, bin_size: Tensor, grid: Tensor, p: Tensor, i: Tensor) -> Tensor:
-    """start + p * bin + ((i + .5) * bin) / grid, evaluated left to right as in the kernel."""
-    return (start + p * bin_size) + ((i + 0.5) * bin_size) / grid
-
-
-def _fixed_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor, P: tuple[int, int],
-                g: int, aligned: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Fixed g x g samples per bin: table rows and weights Tensor[K, Ph, Pw, g*g, 4] of every tap, and valid
-    Bool Tensor[K, Ph, Pw, g*g], in the kernel's order (RoI, bin row, bin column, sample row, sample column)."""
-    K = rois.shape[0]
-    Ph, Pw = P
-    y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
-    dtype, device = y1.dtype, y1.device
-    grid = torch.full((), g, dtype=dtype, device=device)
-    ii = torch.arange(g, dtype=dtype, device=device)
-    py = _positions(y1[:, None, None], bin_h[:, None, None], grid,
-                    torch.arange(Ph, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Ph, g)
-    px = _positions(x1[:, None, None], bin_w[:, None, None], grid,
-                    torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
-    ty = [t[:, :, None, :, None] for t in _bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
-    tx = [t[:, None, :, None, :] for t in _bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
-    idx, wts, valid = _sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
-    return idx.reshape(K, Ph, Pw, g * g, 4), wts.reshape(K, Ph, Pw, g * g, 4), valid.reshape(K, Ph, Pw, g * g)
-
-
 def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
                 P: tuple[int, int], g: int, aligned: bool, fused: bool) -> Tensor:
     """Fixed g x g samples per bin. Returns Tensor[K*Ph*Pw, C] bin sums divided by g*g."""
-    idx, wts, _ = _fixed_taps(rois, base, height, width, scale, P, g, aligned)  # (K, Ph, Pw, G, 4)
+    idx, wts, _ = fixed_taps(rois, base, height, width, scale, P, g, aligned)  # (K, Ph, Pw, G, 4)
     M, G, C = rois.shape[0] * P[0] * P[1], g * g, table.shape[1]
     if fused:  # one bag of G * 4 taps per bin
         sums = F.embedding_bag(idx.reshape(M, G * 4), table, per_sample_weights=wts.reshape(M, G * 4), mode="sum")
@@ -187,67 +105,16 @@ def _pool_fixed(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width
     return sums.div_(device_scalar(max(G, 1), sums))
 
 
-def _segment_arange(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
-    """For counts Tensor[K]: (owner, local) of length total, owner = k repeated counts[k] times, local = 0.."""
-    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=total)
-    first = torch.cumsum(counts, 0) - counts
-    local = torch.arange(total, device=counts.device) - first[owner]
-    return owner, local
-
-
-def _adaptive_grid(rois: Tensor, scale: Tensor, P: tuple[int, int], aligned: bool) -> tuple[Tensor, Tensor]:
-    """Samples per bin along y and x of each RoI, ceil(roi_size / P) = ceil(bin size): Tensor[K] int64 each
-    (0 when aligned and the RoI is empty)."""
-    _, _, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
-    return torch.ceil(bin_h).long().clamp(min=0), torch.ceil(bin_w).long().clamp(min=0)
-
-
-def _adaptive_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor, P: tuple[int, int],
-                   aligned: bool, grid: tuple[Tensor, Tensor],
-                   grid_host: tuple[list[int], list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-RoI grid (gh, gw) = ceil(roi_size / P) per axis (`_adaptive_grid`, on the device and on the host: the
-    shapes depend on it). Every sample (k, ph, pw, iy, ix) in the kernel's order: table rows and weights
-    Tensor[S, 4], valid Bool Tensor[S], its bin k*Ph*Pw + ph*Pw + pw and its slot iy*gw + ix, Tensor[S] int64."""
-    Ph, Pw = P
-    y1, x1, bin_h, bin_w, _, _ = _roi_geometry(rois, scale, P, aligned)
-    (gh, gw), (gh_host, gw_host) = grid, grid_host
-    n_host = [a * b for a, b in zip(gh_host, gw_host)]  # samples per bin of each RoI
-    Sy, Sx, S = Ph * sum(gh_host), Pw * sum(gw_host), Ph * Pw * sum(n_host)
-    dtype = y1.dtype
-    ny, nx = Ph * gh, Pw * gw  # samples per RoI along y and x
-    # samples along y: entries (k, ph, iy), and along x: (k, pw, ix)
-    ky, local = _segment_arange(ny, Sy)
-    ph = torch.div(local, gh[ky], rounding_mode="floor")
-    py = _positions(y1[ky], bin_h[ky], gh[ky].to(dtype), ph.to(dtype), (local - ph * gh[ky]).to(dtype))
-    ty = _bilinear_taps(py, height[ky].to(dtype))
-    kx, local = _segment_arange(nx, Sx)
-    pw = torch.div(local, gw[kx], rounding_mode="floor")
-    px = _positions(x1[kx], bin_w[kx], gw[kx].to(dtype), pw.to(dtype), (local - pw * gw[kx]).to(dtype))
-    tx = _bilinear_taps(px, width[kx].to(dtype))
-    # every sample (k, ph, pw, iy, ix), in the kernel's order, points into the two lists
-    k, local = _segment_arange(ny * nx, S)
-    g_h, g_w = gh[k], gw[k]
-    ix = local % g_w
-    rest = torch.div(local, g_w, rounding_mode="floor")
-    iy = rest % g_h
-    rest = torch.div(rest, g_h, rounding_mode="floor")
-    pw, ph = rest % Pw, torch.div(rest, Pw, rounding_mode="floor")
-    yi = (torch.cumsum(ny, 0) - ny)[k] + ph * g_h + iy
-    xi = (torch.cumsum(nx, 0) - nx)[k] + pw * g_w + ix
-    idx, wts, valid = _sample_taps(base[k], width[k], [t[yi] for t in ty], [t[xi] for t in tx])  # (S, 4)
-    return idx, wts, valid, k * (Ph * Pw) + ph * Pw + pw, iy * g_w + ix
-
-
 def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
                    P: tuple[int, int], aligned: bool, grid: tuple[Tensor, Tensor],
                    grid_host: tuple[list[int], list[int]], fused: bool) -> Tensor:
-    """Per-RoI grid ceil(roi_size / P) per axis (`_adaptive_taps`). Returns Tensor[K*Ph*Pw, C] bin sums divided
+    """Per-RoI grid ceil(roi_size / P) per axis (`adaptive_taps`). Returns Tensor[K*Ph*Pw, C] bin sums divided
     by the count."""
     K = rois.shape[0]
     Ph, Pw = P
     gh, gw = grid
     n_host = [a * b for a, b in zip(*grid_host)]  # samples per bin of each RoI
-    idx, wts, _, bin_of, slot = _adaptive_taps(rois, base, height, width, scale, P, aligned, grid, grid_host)
+    idx, wts, _, bin_of, slot = adaptive_taps(rois, base, height, width, scale, P, aligned, grid, grid_host)
     # bins sorted by sample count, descending, then cut into groups whose products stay in cache; within a
     # group samples go slot-major (slot j of every bin that has one, then slot j + 1), so the bins with a
     # slot j are a prefix of the group
@@ -287,19 +154,6 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], sums.div_(count))  # RoI order
 
 
-def _adaptive_chunks(gh_host: list[int], gw_host: list[int], P: tuple[int, int],
-                     max_entries: int) -> list[tuple[int, int]]:
-    """Split RoIs, given their grids, into runs of at most `max_entries` sample taps."""
-    chunks, start, used = [], 0, 0
-    for k, (a, b) in enumerate(zip(gh_host, gw_host)):
-        n = 4 * P[0] * P[1] * a * b  # taps of RoI k
-        if k > start and used + n > max_entries:
-            chunks.append((start, k))
-            start, used = k, 0
-        used += n
-    return chunks + [(start, len(gh_host))]
-
-
 def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
           P: tuple[int, int], sampling_ratio: int, aligned: bool, fused: bool) -> Tensor:
     """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw]. `fused`: the "gpu" form.
@@ -321,71 +175,17 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned, fused)
                          for s in ([0] if traced else range(0, K, step))])
     else:  # every RoI's grid read to the host once: chunks and shapes depend on it
-        gh, gw = _adaptive_grid(rois, scale, P, aligned)
+        gh, gw = adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
         out = torch.cat([_pool_adaptive(table, rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P, aligned,
                                         (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]), fused)
-                         for s, e in _adaptive_chunks(gh_host, gw_host, P, max_entries)])
+                         for s, e in adaptive_chunks(gh_host, gw_host, P, max_entries)])
     return out.view(K, Ph, Pw, C).permute(0, 3, 1, 2).contiguous()  # (K, C, Ph, Pw)
-
-
-def _add_taps(grad_table: Tensor, grad_bins: Tensor, idx: Tensor, wts: Tensor, valid: Tensor, bins: Tensor,
-              count: Tensor) -> None:
-    """grad_table[idx[t]] += grad_bins[bins[t]] * wts[t] / count[bins[t]] for every tap t, in order (in place).
-
-    idx, wts, valid, bins: Tensor[T] per tap; count: Tensor[M] samples per bin. One rounding for the product and
-    one for the division, as torchvision's `grad_output_this_bin * w1 / count`; invalid samples add nothing (the
-    kernel skips them). index_add_ on the CPU adds its rows one after the other, so each element of the table
-    receives its terms in tap order. Steps of _MAX_VALUES // C taps bound the Tensor[T, C] of terms.
-    """
-    step = max(1, _MAX_VALUES // max(1, grad_bins.shape[1]))
-    for s in range(0, idx.numel(), step):
-        b = bins[s:s + step]
-        terms = grad_bins[b] * wts[s:s + step, None] / count[b, None]  # (T, C)
-        grad_table.index_add_(0, idx[s:s + step], torch.where(valid[s:s + step, None], terms, 0.0))
-
-
-def _pool_grad(grad: Tensor, rows: int, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
-               P: tuple[int, int], sampling_ratio: int, aligned: bool) -> Tensor:
-    """The gradient of `_pool` with respect to its table: grad Tensor[K, C, Ph, Pw] -> Tensor[rows, C].
-
-    torchvision's roi_align_backward_kernel_impl (cpu/roi_align_kernel.cpp): every tap of every sample adds
-    grad(bin) * w / count to its pixel, visiting RoIs, bins, samples and taps in the forward's order. Written in
-    differentiable tensor ops only (gather, product, division, index_add_), so this backward has a backward:
-    roi_align is twice differentiable. It is linear in `grad` and does not read the features.
-    """
-    K, C, Ph, Pw = grad.shape
-    PP, device = Ph * Pw, grad.device
-    grad_table = grad.new_zeros((rows, C))
-    if grad.numel() == 0:
-        return grad_table
-    grad_bins = grad.permute(0, 2, 3, 1).reshape(K * PP, C)  # (K*Ph*Pw, C): bin (k, ph, pw) per row
-    if sampling_ratio > 0:
-        G = sampling_ratio**2
-        step = max(1, _MAX_ENTRIES // (PP * 4 * G))
-        count = torch.full((K * PP,), G, dtype=grad.dtype, device=device)
-        for s in range(0, K, step):
-            e = min(K, s + step)
-            idx, wts, valid = _fixed_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P,
-                                          sampling_ratio, aligned)  # (k, Ph, Pw, G, 4)
-            bins = torch.arange(s * PP, e * PP, device=device).repeat_interleave(4 * G)
-            _add_taps(grad_table, grad_bins, idx.reshape(-1), wts.reshape(-1),
-                      valid[..., None].expand(idx.shape).reshape(-1), bins, count)
-    else:
-        gh, gw = _adaptive_grid(rois, scale, P, aligned)
-        gh_host, gw_host = torch.stack((gh, gw)).tolist()
-        count = (gh * gw).repeat_interleave(PP).clamp(min=1).to(grad.dtype)  # (K*Ph*Pw,)
-        for s, e in _adaptive_chunks(gh_host, gw_host, P, _MAX_ENTRIES):
-            idx, wts, valid, bin_of, _ = _adaptive_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P,
-                                                        aligned, (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
-            _add_taps(grad_table, grad_bins, idx.reshape(-1), wts.reshape(-1), valid.repeat_interleave(4),
-                      (bin_of + s * PP).repeat_interleave(4), count)
-    return grad_table
 
 
 class _RoIAlignFunction(torch.autograd.Function):
     """`_pool` with torchvision's gradient: to the table only (none to the RoIs, as torchvision's kernel), and
-    a backward built from differentiable ops (`_pool_grad`), so double backward works."""
+    a backward built from differentiable ops (`pool_grad`), so double backward works."""
 
     @staticmethod
     def forward(ctx, table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
@@ -398,7 +198,7 @@ class _RoIAlignFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad_table = None
         if ctx.needs_input_grad[0]:
-            grad_table = _pool_grad(grad, ctx.rows, *ctx.saved_tensors, *ctx.params)
+            grad_table = pool_grad(grad, ctx.rows, *ctx.saved_tensors, *ctx.params)
         return grad_table, None, None, None, None, None, None, None, None, None
 
 
