@@ -1,7 +1,8 @@
 """minseg's layers import downwards only, with no cycle, read from the source (ast), function-level imports included:
 
-    errors, files, data, image, metrics, coco  <-  ops  <-  backbones, necks, heads  <-  models  <-  registry
-        <-  weights, convert, download  <-  api, visualize  <-  cli, __main__, the package root (minseg/__init__)
+    errors, files, data, image, metrics, coco  <-  ops  <-  backbones, necks, heads, data.transforms  <-  models
+        <-  registry  <-  weights, convert, download  <-  api, visualize  <-  cli, __main__, the package root
+        (minseg/__init__; with it everything no layer names: losses, training, evaluate, export)
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent / "minseg"
 LAYERS = [
     ("minseg.errors", "minseg.files", "minseg.data", "minseg.image", "minseg.metrics", "minseg.coco"),
     ("minseg.ops",),
-    ("minseg.backbones", "minseg.necks", "minseg.heads"),
+    ("minseg.backbones", "minseg.necks", "minseg.heads", "minseg.data.transforms"),  # transforms: box_iou
     ("minseg.models",),
     ("minseg.registry",),
     ("minseg.weights", "minseg.convert", "minseg.download"),
