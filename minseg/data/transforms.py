@@ -103,6 +103,16 @@ def resize_shorter(image: torch.Tensor, target: Target, short: int, max_size: in
     return resize(image, target, (int(H * scale + 0.5), int(W * scale + 0.5)))
 
 
+def random_crop(image: torch.Tensor, target: Target, g: torch.Generator, crop_size: int
+                ) -> tuple[torch.Tensor, Target]:
+    """A crop_size x crop_size window at a random place (top drawn before left), after padding a smaller image
+    with 0 (and its mask with 255, ignored)."""
+    image, target = pad_to(image, target, (crop_size, crop_size))
+    H, W = image.shape[-2:]
+    top, left = _randint(g, 0, H - crop_size), _randint(g, 0, W - crop_size)
+    return crop(image, target, top, left, crop_size, crop_size)
+
+
 def segmentation_train(image: torch.Tensor, target: Target, g: torch.Generator, *, base_size: int = 520,
                        crop_size: int = 480) -> tuple[torch.Tensor, Target]:
     """torchvision references/segmentation/presets.py SegmentationPresetTrain: RandomResize(0.5 * base_size,
@@ -112,10 +122,7 @@ def segmentation_train(image: torch.Tensor, target: Target, g: torch.Generator, 
     image, target = resize_shorter(image, target, short)
     if _uniform(g) < 0.5:
         image, target = hflip(image, target)
-    image, target = pad_to(image, target, (crop_size, crop_size))
-    H, W = image.shape[-2:]
-    top, left = _randint(g, 0, H - crop_size), _randint(g, 0, W - crop_size)
-    return crop(image, target, top, left, crop_size, crop_size)
+    return random_crop(image, target, g, crop_size)
 
 
 def detection_train(image: torch.Tensor, target: Target, g: torch.Generator) -> tuple[torch.Tensor, Target]:
@@ -147,10 +154,7 @@ def smp_crop_train(image: torch.Tensor, target: Target, g: torch.Generator, *, c
     left out. Padding uses 0 in the image and 255 (ignored) in the mask."""
     if _uniform(g) < 0.5:
         image, target = hflip(image, target)
-    image, target = pad_to(image, target, (crop_size, crop_size))
-    H, W = image.shape[-2:]
-    top, left = _randint(g, 0, H - crop_size), _randint(g, 0, W - crop_size)
-    return crop(image, target, top, left, crop_size, crop_size)
+    return random_crop(image, target, g, crop_size)
 
 
 # -- YOLACT ---------------------------------------------------------------------------------------------------
