@@ -9,13 +9,16 @@ order: measured up to 2e-7 relative on boxes and 7e-6 on mask probabilities).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from torch.utils._pytree import tree_leaves
 
 import minseg
-from minseg.export import export_program, save, to_onnx
+from minseg.export import export_program, panoptic_results, save, to_onnx
+from minseg.heads.panoptic_fusion import FusionConfig
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -92,6 +95,41 @@ def test_mask_rcnn(name, tmp_path):
         assert (len(expected[0]["boxes"]) > 0) == detections
         assert_equal(program.module()([image]), expected)
         assert_onnx_close(session, ([image],), expected)
+
+
+def _panoptic_model():
+    """A small Panoptic FPN (3 things, 5 semantic classes, 20 proposals, 10 detections, stuff from 800 px), its
+    RoI score threshold between the best scores eager gives a busy and a plain image; with those images."""
+    torch.manual_seed(0)
+    model = minseg.create_model("panoptic_fpn_resnet50", num_classes=3, num_sem_seg_classes=5,
+                                fusion=FusionConfig(stuff_area_thresh=800)).eval()
+    model.rpn.cfg = replace(model.rpn.cfg, pre_nms_top_n_test=50, post_nms_top_n_test=20)
+    busy = {"image": torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1)) * 255, "height": 90,
+            "width": 120}
+    plain = {"image": torch.full((3, 130, 70), 128.0), "height": 150, "width": 81}  # output size unlike the input's
+    model.roi_heads.cfg = replace(model.roi_heads.cfg, detections_per_img=10, score_thresh=0.0)
+    with torch.no_grad():
+        hi, lo = (float(model([x])[0]["instances"]["scores"].max()) for x in (busy, plain))
+    assert hi > lo, "the plain image should score lower than the busy one"
+    model.roi_heads.cfg = replace(model.roi_heads.cfg, score_thresh=(hi + lo) / 2)
+    return model, busy, plain
+
+
+def test_panoptic_fpn(tmp_path):
+    """Panoptic fusion included: segments_info leaves the graph as tensors, `panoptic_results` makes the dicts."""
+    model, busy, plain = _panoptic_model()
+    program = export_program(model)  # traced at 96 x 128, output 104 x 120
+    session = onnx_session(program, tmp_path)
+    for item, detections in [(busy, True), (plain, False)]:
+        with torch.no_grad():
+            expected = model([item])
+        assert (len(expected[0]["instances"]["boxes"]) > 0) == detections
+        assert expected[0]["segments_info"]  # stuff at least
+        raw = program.module()([item])
+        assert panoptic_results(raw)[0]["segments_info"] == expected[0]["segments_info"]
+        assert_equal([{k: v for k, v in r.items() if k != "segments_info"} for r in raw],
+                     [{k: v for k, v in r.items() if k != "segments_info"} for r in expected])
+        assert_onnx_close(session, ([item],), raw)
 
 
 def _yolact_best(model, x):

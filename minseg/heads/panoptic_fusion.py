@@ -116,7 +116,7 @@ def _combine_traced(scores: torch.Tensor, labels: torch.Tensor, masks: torch.Ten
 
     bound = torch.full((), K, device=device)
     keep = torch.while_loop(lambda keep, changed, steps: changed & (steps < bound), body,
-                            (candidate, torch.ones((), dtype=torch.bool, device=device),
+                            (candidate.clone(), torch.ones((), dtype=torch.bool, device=device),  # (no alias: ONNX)
                              torch.zeros((), dtype=torch.int64, device=device)))[0]
     ids = torch.cumsum(keep, 0, dtype=torch.int32)  # (K,) segment id of each kept instance
     panoptic = torch.cat((ids, ids.new_zeros(1)))[first_owner(keep)]  # (H, W), 0 where no thing

@@ -168,7 +168,7 @@ def _pool_adaptive_traced(table: Tensor, rois: Tensor, base: Tensor, height: Ten
     y1, x1, bin_h, bin_w, _, _ = roi_geometry(rois, scale, P, aligned)
     gh, gw = adaptive_grid(rois, scale, P, aligned)
     dtype = y1.dtype
-    GH, GW = (torch.cat((g, g.new_zeros(1))).amax() for g in (gh, gw))  # 0 when there are no RoIs
+    GH, GW = (torch.cat((g, g.new_zeros(1))).amax(0) for g in (gh, gw))  # 0 when there are no RoIs
     ph = torch.arange(Ph, dtype=dtype, device=rois.device)[None, :]
     pw = torch.arange(Pw, dtype=dtype, device=rois.device)[None, :]
 
