@@ -104,9 +104,11 @@ class PanopticFPN(nn.Module):
         check_image_list([item["image"] for item in batch], "a Tensor[3, H, W] (BGR, 0..255)", uint8_ok=True)
         images = [(item["image"].to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std for item in batch]
         sizes = [(im.shape[1], im.shape[2]) for im in images]
-        d = self.cfg.size_divisibility  # pad to ceil(side / d) * d, in integers (symbolic sizes under torch.export)
-        hp = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
-        wp = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
+        # pad to ceil(side / d) * d, in integers (symbolic sizes under torch.export), of positive numbers only: the
+        # ONNX exporter's integer division truncates
+        d = self.cfg.size_divisibility
+        hp = (functools.reduce(torch.sym_max, [h for h, _ in sizes]) + d - 1) // d * d
+        wp = (functools.reduce(torch.sym_max, [w for _, w in sizes]) + d - 1) // d * d
         return torch.stack([F.pad(im, (0, wp - im.shape[2], 0, hp - im.shape[1])) for im in images]), sizes  # zeros
 
     def forward(self, batch: list[dict]) -> list[dict] | dict[str, torch.Tensor]:
