@@ -8,8 +8,8 @@ The exported module takes the forward's input and returns its final outputs, for
   fcn_*, deeplabv3_*, unet_*: x Tensor[N, 3, H, W] (N, H, W dynamic) -> the forward's output.
   maskrcnn_*: a list of one Tensor[3, H, W] -> [{"boxes", "labels", "scores", "masks"}] (H, W dynamic).
   panoptic_fpn_*: a list of one {"image": Tensor[3, H, W], "height": int, "width": int} -> [{"instances",
-    "sem_seg", "panoptic_seg", "segments_info"}] (H, W, height, width dynamic), segments_info as a dict of Tensor[S]
-    per field: `panoptic_results` turns it into detectron2's list of dicts, as the forward returns it.
+    "sem_seg", "panoptic_seg", "segments_info"}] (H, W over 64 px, height, width dynamic), segments_info as a dict
+    of Tensor[S] per field: `panoptic_results` turns it into detectron2's list of dicts, as the forward returns it.
   yolact_*: x Tensor[N, 3, S, S] (S the configured input side: the original resizes every image to it) and each
     image's output size (height, width) -> per image the postprocess() dict (height, width dynamic; N as traced).
 The graphs have no Python branch on data: selections give data-dependent sizes (torch.export's unbacked
@@ -67,7 +67,8 @@ def example_inputs(model: nn.Module, height: int = 96, width: int = 128) -> tupl
         return (torch.randn(1, 3, S, S, generator=g), [(height, width)])
     if isinstance(model, (SegmentationNet, UNet)):
         return (torch.randn(2, 3, height, width, generator=g),)  # two: a batch of one would fix N to 1
-    raise ValueError(f"{type(model).__name__}: no export recipe (fcn_*, deeplabv3_*, unet_*, maskrcnn_*, panoptic_fpn_*, yolact_*)")
+    raise ValueError(f"{type(model).__name__}: no export recipe (fcn_*, deeplabv3_*, unet_*, maskrcnn_*, "
+                     f"panoptic_fpn_*, yolact_*)")
 
 
 def _dynamic_shapes(model: nn.Module, inputs: tuple):
