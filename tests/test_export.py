@@ -192,3 +192,39 @@ def test_save_and_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fcn.pt2"]
     with pytest.raises(ValueError):
         save(minseg.create_model("fcn_resnet50"), tmp_path / "x.bin", format="tflite")
+
+
+def test_traced_forms_equal_eager():
+    """The traced-only forms, run eagerly on cases the model test may not reach: adaptive RoIAlign with empty and
+    large RoIs, aligned or not, and no RoIs; panoptic fusion with 0..12 overlapping instances, things and stuff."""
+    import importlib
+
+    from minseg.heads import panoptic_fusion as fusion
+    from minseg.ops.feature_table import feature_table
+
+    roi_align = importlib.import_module("minseg.ops.roi_align")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 30, 40, generator=g)
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([160.0, 120.0])
+    boxes = torch.cat((xy, xy + torch.rand(60, 2, generator=g) * 80), dim=1)
+    boxes[5, 2] = boxes[5, 0]  # empty
+    rois = torch.cat((torch.randint(0, 2, (60, 1), generator=g).float(), boxes), dim=1)
+    table = feature_table([x], torch.float32)
+    for K, aligned in [(60, True), (60, False), (0, True)]:
+        r = rois[:K]
+        expected = roi_align.roi_align(x, r, (7, 7), 0.25, 0, aligned, impl="cpu")
+        got = roi_align._pool_adaptive_traced(table, r, r[:, 0].long() * 1200, torch.full((K,), 30),
+                                              torch.full((K,), 40), torch.full((K,), 0.25), (7, 7), aligned)
+        assert torch.equal(got.view(K, 7, 7, 8).permute(0, 3, 1, 2), expected)
+
+    cfg = fusion.FusionConfig(stuff_area_thresh=200, overlap_thresh=0.4)
+    for K in [0, 1, 5, 12]:
+        masks = torch.zeros(K, 40, 50, dtype=torch.bool)
+        for k in range(K):
+            y, x = torch.randint(0, 40, (2,), generator=g), torch.randint(0, 50, (2,), generator=g)
+            masks[k, y.min():y.max() + 1, x.min():x.max() + 1] = True
+        scores, labels = torch.rand(K, generator=g), torch.randint(0, 80, (K,), generator=g)
+        semantic = torch.randint(0, 6, (40, 50), generator=g) * (torch.rand(40, 50, generator=g) > 0.2)
+        panoptic, segments = fusion.combine_semantic_and_instances(scores, labels, masks, semantic, cfg, impl="cpu")
+        traced, tensors = fusion._combine_traced(scores, labels, masks, semantic, cfg, 54)
+        assert torch.equal(traced, panoptic) and fusion.segments_info_list(tensors) == segments
