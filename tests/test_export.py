@@ -5,9 +5,12 @@ equals eager to float32 rounding with identical discrete outputs (shapes, labels
 Random-init weights, small images. A detector's score threshold is set between the best score eager gives the busy
 image and the one it gives the plain image, so that one program shows both cases (checked on the eager result).
 ONNX tolerance: |onnx - eager| <= 1e-4 * max|eager| + 1e-5 per output (float32 rounding of a different kernel
-order: measured up to 2e-7 relative on boxes and 7e-6 on mask probabilities).
+order: measured up to 2e-7 relative on boxes and 7e-6 on mask probabilities; Panoptic FPN: 1.4e-6 on boxes, 3.8e-6
+on scores, 9.4e-7 on sem_seg logits).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +18,8 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import minseg
-from minseg.export import export_program, save, to_onnx
+from minseg.export import export_program, panoptic_results, save, to_onnx
+from minseg.heads.panoptic_fusion import FusionConfig
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -94,6 +98,40 @@ def test_mask_rcnn(name, tmp_path):
         assert_onnx_close(session, ([image],), expected)
 
 
+def _panoptic_model():
+    """A small Panoptic FPN (3 things, 5 semantic classes, 20 proposals, 10 detections, stuff from 800 px), its
+    RoI score threshold between the best scores eager gives a busy and a plain image; with those images."""
+    torch.manual_seed(0)
+    model = minseg.create_model("panoptic_fpn_resnet50", num_classes=3, num_sem_seg_classes=5,
+                                fusion=FusionConfig(stuff_area_thresh=800)).eval()
+    model.rpn.cfg = replace(model.rpn.cfg, pre_nms_top_n_test=50, post_nms_top_n_test=20)
+    busy = {"image": torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1)) * 255, "height": 90,
+            "width": 120}
+    plain = {"image": torch.full((3, 130, 70), 128.0), "height": 150, "width": 81}  # output size unlike the input's
+    model.roi_heads.cfg = replace(model.roi_heads.cfg, detections_per_img=10, score_thresh=0.0)
+    with torch.no_grad():
+        hi, lo = (float(model([x])[0]["instances"]["scores"].max()) for x in (busy, plain))
+    assert hi > lo, "the plain image should score lower than the busy one"
+    model.roi_heads.cfg = replace(model.roi_heads.cfg, score_thresh=(hi + lo) / 2)
+    return model, busy, plain
+
+
+def test_panoptic_fpn(tmp_path):
+    """Panoptic fusion included: segments_info leaves the graph as tensors, `panoptic_results` makes the dicts."""
+    model, busy, plain = _panoptic_model()
+    program = export_program(model)  # traced at 96 x 128, output 104 x 120
+    session = onnx_session(program, tmp_path)
+    for item, detections in [(busy, True), (plain, False)]:
+        with torch.no_grad():
+            expected, raw = model([item]), program.module()([item])
+        assert (len(expected[0]["instances"]["boxes"]) > 0) == detections
+        assert expected[0]["segments_info"]  # stuff at least
+        assert panoptic_results(raw)[0]["segments_info"] == expected[0]["segments_info"]
+        assert_equal([{k: v for k, v in r.items() if k != "segments_info"} for r in raw],
+                     [{k: v for k, v in r.items() if k != "segments_info"} for r in expected])
+        assert_onnx_close(session, ([item],), raw)
+
+
 def _yolact_best(model, x):
     return model(x)["conf"][..., 1:].max()
 
@@ -154,3 +192,39 @@ def test_save_and_cli(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fcn.pt2"]
     with pytest.raises(ValueError):
         save(minseg.create_model("fcn_resnet50"), tmp_path / "x.bin", format="tflite")
+
+
+def test_traced_forms_equal_eager():
+    """The traced-only forms, run eagerly on cases the model test may not reach: adaptive RoIAlign with empty and
+    large RoIs, aligned or not, and no RoIs; panoptic fusion with 0..12 overlapping instances, things and stuff."""
+    import importlib
+
+    from minseg.heads import panoptic_fusion as fusion
+    from minseg.ops.feature_table import feature_table
+
+    roi_align = importlib.import_module("minseg.ops.roi_align")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 30, 40, generator=g)
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([160.0, 120.0])
+    boxes = torch.cat((xy, xy + torch.rand(60, 2, generator=g) * 80), dim=1)
+    boxes[5, 2] = boxes[5, 0]  # empty
+    rois = torch.cat((torch.randint(0, 2, (60, 1), generator=g).float(), boxes), dim=1)
+    table = feature_table([x], torch.float32)
+    for K, aligned in [(60, True), (60, False), (0, True)]:
+        r = rois[:K]
+        expected = roi_align.roi_align(x, r, (7, 7), 0.25, 0, aligned, impl="cpu")
+        got = roi_align._pool_adaptive_traced(table, r, r[:, 0].long() * 1200, torch.full((K,), 30),
+                                              torch.full((K,), 40), torch.full((K,), 0.25), (7, 7), aligned)
+        assert torch.equal(got.view(K, 7, 7, 8).permute(0, 3, 1, 2), expected)
+
+    cfg = fusion.FusionConfig(stuff_area_thresh=200, overlap_thresh=0.4)
+    for K in [0, 1, 5, 12]:
+        masks = torch.zeros(K, 40, 50, dtype=torch.bool)
+        for k in range(K):
+            y, x = torch.randint(0, 40, (2,), generator=g), torch.randint(0, 50, (2,), generator=g)
+            masks[k, y.min():y.max() + 1, x.min():x.max() + 1] = True
+        scores, labels = torch.rand(K, generator=g), torch.randint(0, 80, (K,), generator=g)
+        semantic = torch.randint(0, 6, (40, 50), generator=g) * (torch.rand(40, 50, generator=g) > 0.2)
+        panoptic, segments = fusion.combine_semantic_and_instances(scores, labels, masks, semantic, cfg, impl="cpu")
+        traced, tensors = fusion._combine_traced(scores, labels, masks, semantic, cfg, 54)
+        assert torch.equal(traced, panoptic) and fusion.segments_info_list(tensors) == segments

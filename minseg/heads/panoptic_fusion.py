@@ -5,6 +5,8 @@ of panopticapi's combine_semantic_and_instance_predictions.py: things are laid d
 skipped when mostly covered already; then each stuff class fills what is left when enough of it remains.
 The "gpu" form (`impl`, ops/forms.py; the default on GPUs) decides the things in a few dense steps instead of one
 instance at a time; the result is the same. The plain math is `minseg.ops.reference.panoptic_fusion`.
+Exported (torch.export), fusion reads nothing to the host (`_combine_traced`): the dense form with its fixpoint
+as a bounded torch.while_loop, and segments_info as a dict of tensors (`segments_info_list` makes the dicts).
 """
 from __future__ import annotations
 
@@ -71,17 +73,90 @@ def _place_things_fixpoint(masks: torch.Tensor, order: list[int], overlap_thresh
     return torch.where(owner < n, ids[owner.clamp(max=n - 1)], panoptic), keep
 
 
+SEGMENT_FIELDS = ("id", "isthing", "category_id", "score", "instance_id", "area")
+
+
+def segments_info_list(segments: dict[str, torch.Tensor]) -> list[dict]:
+    """The exported form of segments_info (`_combine_traced`: Tensor[S] per SEGMENT_FIELDS, "score" and
+    "instance_id" for things only, "area" for stuff only) -> detectron2's list of dicts."""
+    rows = zip(*(segments[k].tolist() for k in SEGMENT_FIELDS))
+    return [{"id": i, "isthing": True, "score": score, "category_id": c, "instance_id": inst} if thing else
+            {"id": i, "isthing": False, "category_id": c, "area": area}
+            for i, thing, c, score, inst, area in rows]
+
+
+def _combine_traced(scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, semantic: torch.Tensor,
+                    cfg: FusionConfig, num_labels: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """combine_semantic_and_instances with no host read, for exported graphs: the same panoptic map, and the same
+    segments as Tensor[S] per field (SEGMENT_FIELDS; see `segments_info_list`). The things are decided as by
+    `_place_things_fixpoint`, over all K instances best first, those after the first score below the threshold
+    never kept; the fixpoint is a torch.while_loop bounded by K steps (each settles at least one decision).
+    Stuff areas are counted per class among `num_labels` semantic classes."""
+    K, device = scores.shape[0], scores.device
+    masks = masks.to(torch.bool)
+    order = torch.argsort(-scores)
+    ranked_scores = scores[order]
+    considered = torch.cumsum(ranked_scores < cfg.instances_score_thresh, 0) == 0  # before the first one below
+    ranked = masks[order]  # (K, H, W) best first
+    areas = ranked.flatten(1).sum(1).double()
+    rank = torch.arange(K, device=device)[:, None, None]
+    candidate = (areas > 0) & considered
+
+    def first_owner(keep: torch.Tensor) -> torch.Tensor:  # (H, W): the first kept instance on each pixel, else K
+        taken = ranked & keep[:, None, None]
+        return torch.cat((taken, taken.new_ones((1, *taken.shape[1:])))).to(torch.uint8).argmax(0)  # row K: all
+
+    def decide(keep: torch.Tensor) -> torch.Tensor:
+        overlap = (ranked & (first_owner(keep) < rank)).flatten(1).sum(1).double()  # pixels taken by better ones
+        return candidate & ~(overlap / areas > cfg.overlap_thresh)
+
+    def body(keep: torch.Tensor, changed: torch.Tensor, steps: torch.Tensor):
+        new = decide(keep)
+        return new, (new != keep).any(), steps + 1
+
+    bound = torch.full((), K, device=device)
+    keep = torch.while_loop(lambda keep, changed, steps: changed & (steps < bound), body,
+                            (candidate.clone(), torch.ones((), dtype=torch.bool, device=device),  # (no alias: ONNX)
+                             torch.zeros((), dtype=torch.int64, device=device)))[0]
+    ids = torch.cumsum(keep, 0, dtype=torch.int32)  # (K,) segment id of each kept instance
+    panoptic = torch.cat((ids, ids.new_zeros(1)))[first_owner(keep)]  # (H, W), 0 where no thing
+
+    # stuff, in ascending class order, on what the things left free, ids after the things'
+    ones = torch.ones(semantic.numel(), dtype=torch.int64, device=device)
+    present = torch.zeros(num_labels, dtype=torch.int64, device=device).scatter_add_(0, semantic.flatten(), ones) > 0
+    free = torch.where(panoptic == 0, semantic, num_labels).flatten()  # num_labels: taken by a thing
+    free_area = torch.zeros(num_labels + 1, dtype=torch.int64, device=device).scatter_add_(0, free, ones)[:-1]
+    classes = torch.arange(num_labels, device=device)
+    laid = present & (classes != cfg.things_label) & (free_area >= cfg.stuff_area_thresh)
+    stuff_id = torch.where(laid, keep.sum(dtype=torch.int32) + torch.cumsum(laid, 0, dtype=torch.int32), 0)
+    panoptic = torch.where(panoptic == 0, stuff_id[semantic], panoptic)
+
+    things, stuff = torch.where(keep)[0], torch.where(laid)[0]
+    T, S = things.shape[0], stuff.shape[0]
+    segments = {"id": torch.cat((ids[things], stuff_id[stuff])).long(),
+                "isthing": torch.cat((keep.new_ones(T), keep.new_zeros(S))),
+                "category_id": torch.cat((labels[order[things]], stuff)),
+                "score": torch.cat((ranked_scores[things], ranked_scores.new_zeros(S))),
+                "instance_id": torch.cat((order[things], order.new_full((S,), -1))),
+                "area": torch.cat((free_area.new_zeros(T), free_area[stuff]))}
+    return panoptic, segments
+
+
 def combine_semantic_and_instances(scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor,
                                    semantic: torch.Tensor, cfg: FusionConfig = FusionConfig(), *,
-                                   impl: str = "auto") -> tuple[torch.Tensor, list[dict]]:
+                                   impl: str = "auto", num_labels: int | None = None
+                                   ) -> tuple[torch.Tensor, list[dict]]:
     """Instances (scores Tensor[K], labels Tensor[K] int64 0..79, masks Tensor[K, H, W] bool) and the semantic
     argmax Tensor[H, W] int64 -> (panoptic Tensor[H, W] int32 with 0 = void, segments_info).
 
     segments_info lists, in id order, things as {"id", "isthing": True, "score", "category_id", "instance_id"}
     and stuff as {"id", "isthing": False, "category_id" (1..53), "area"}, as detectron2 returns them.
     impl: "auto", "cpu" (one instance at a time), "gpu" (dense fixpoint) or "reference"
-    (`minseg.ops.reference.panoptic_fusion`); all three give the same result.
+    (`minseg.ops.reference.panoptic_fusion`); all three give the same result. Exported, segments_info is a dict
+    of tensors (`_combine_traced`, which needs num_labels: the number of semantic classes).
     """
+    if torch.compiler.is_compiling():
+        return _combine_traced(scores, labels, masks, semantic, cfg, num_labels)
     form = forms.choose(impl, semantic)
     if form == "reference":
         return reference.panoptic_fusion(scores, labels, masks, semantic, **dataclasses.asdict(cfg))

@@ -16,6 +16,7 @@ Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.forward, .inf
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -102,14 +103,13 @@ class PanopticFPN(nn.Module):
         # uint8 too, as detectron2's DatasetMapper gives it (the subtraction below makes it float)
         check_image_list([item["image"] for item in batch], "a Tensor[3, H, W] (BGR, 0..255)", uint8_ok=True)
         images = [(item["image"].to(self.pixel_mean.device) - self.pixel_mean) / self.pixel_std for item in batch]
-        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+        sizes = [(im.shape[1], im.shape[2]) for im in images]
+        # pad to ceil(side / d) * d, in integers (symbolic sizes under torch.export), of positive numbers only: the
+        # ONNX exporter's integer division truncates
         d = self.cfg.size_divisibility
-        hp = -(-max(h for h, _ in sizes) // d) * d
-        wp = -(-max(w for _, w in sizes) // d) * d
-        padded = images[0].new_zeros(len(images), 3, hp, wp)
-        for i, im in enumerate(images):
-            padded[i, :, : im.shape[1], : im.shape[2]].copy_(im)
-        return padded, sizes
+        hp = (functools.reduce(torch.sym_max, [h for h, _ in sizes]) + d - 1) // d * d
+        wp = (functools.reduce(torch.sym_max, [w for _, w in sizes]) + d - 1) // d * d
+        return torch.stack([F.pad(im, (0, wp - im.shape[2], 0, hp - im.shape[1])) for im in images]), sizes  # zeros
 
     def forward(self, batch: list[dict]) -> list[dict] | dict[str, torch.Tensor]:
         if self.training:
@@ -125,11 +125,12 @@ class PanopticFPN(nn.Module):
         # 4. per image: back to the requested size, then fusion
         results = []
         for item, size, sem, det in zip(batch, sizes, sem_seg, detections):
-            height, width = int(item.get("height", size[0])), int(item.get("width", size[1]))
+            height, width = torch.sym_int(item.get("height", size[0])), torch.sym_int(item.get("width", size[1]))
             sem = sem_seg_postprocess(sem, size, height, width)
             instances = detector_postprocess(det, size, height, width, self.cfg.mask_threshold)
             panoptic, segments = combine_semantic_and_instances(
-                instances["scores"], instances["labels"], instances["masks"], sem.argmax(dim=0), self.cfg.fusion)
+                instances["scores"], instances["labels"], instances["masks"], sem.argmax(dim=0), self.cfg.fusion,
+                num_labels=sem.shape[0])
             results.append({"instances": instances, "sem_seg": sem, "panoptic_seg": panoptic, "segments_info": segments})
         return results
 
@@ -227,7 +228,10 @@ def resize_shortest_edge(h: int, w: int, short: int, max_size: int) -> tuple[int
 def sem_seg_postprocess(logits: torch.Tensor, size: tuple[int, int], height: int, width: int) -> torch.Tensor:
     """Tensor[C, Hp, Wp] logits at the padded size -> Tensor[C, height, width]: crop to the unpadded (h, w), then
     bilinear resize (that order: cropping first would change the border values). detectron2 postprocessing.py."""
-    logits = logits[:, : size[0], : size[1]][None]
+    # the crop as a gather of rows and columns: a slice's end would make torch.export decide whether the image
+    # fills its padded size (a guard on the size)
+    rows, columns = (torch.arange(n, device=logits.device) for n in size)
+    logits = logits.index_select(1, rows).index_select(2, columns)[None]
     return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)[0]
 
 

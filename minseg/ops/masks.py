@@ -11,7 +11,8 @@ image pixels mapped into the float box, then threshold (>= 0.5). On CPU the orig
 time, sampling only the window [floor(x0) - 1, ceil(x1) + 1) x [floor(y0) - 1, ceil(y1) + 1) around its box
 (everything else stays False). Returns Tensor[N, H, W] bool. Here masks are grouped by window size, each
 group is sampled as one dense (k, h, w) block (padded to the group's largest window) and scattered into the
-image; the number of steps depends on how varied the sizes are, not on the number of masks.
+image; the number of steps depends on how varied the sizes are, not on the number of masks. Exported (no host
+read), all masks are one group padded to the largest window (`_one_bucket`): the same values.
 """
 from __future__ import annotations
 
@@ -140,6 +141,18 @@ def _buckets(windows: Tensor, padded: bool):
         start = stop
 
 
+def _one_bucket(windows: Tensor):
+    """`_buckets` with no host read, for exported graphs: every mask in one group, padded to the largest window
+    sides (data-dependent sizes). Yields one (n, ys, xs, inside) as `_buckets` does; empty windows are all outside."""
+    sizes = torch.cat((windows[:, 2:] - windows[:, :2], windows.new_zeros(1, 2))).clamp(min=0).amax(0)  # (w, h)
+    w, h = sizes.tolist()  # unbacked ints, at most the image sides (windows are clamped to the image)
+    n = torch.arange(windows.shape[0], device=windows.device)
+    ys = windows[:, 1:2] + torch.arange(h, device=windows.device)  # (N, h)
+    xs = windows[:, 0:1] + torch.arange(w, device=windows.device)  # (N, w)
+    inside = (ys < windows[:, 3:4])[:, :, None] & (xs < windows[:, 2:3])[:, None, :]  # (N, h, w)
+    yield n, ys, xs, inside
+
+
 def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int, int],
                            threshold: float = 0.5, *, impl: str = "auto") -> Tensor:
     """detectron2's paste_masks_in_image, with the result of its CPU path (one mask at a time, skip_empty).
@@ -156,7 +169,7 @@ def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int,
     H, W = image_shape
     buffer = torch.zeros(N * H * W + 1, dtype=torch.bool if threshold >= 0 else torch.uint8, device=masks.device)
     out = buffer[:-1].view(N, H, W)  # the last element takes the writes of padding pixels
-    if N == 0:
+    if guard_or_false(N == 0):  # (unknown when exported: the general path pastes no masks too)
         return out
     if not masks.dtype.is_floating_point:
         masks = masks.float()
@@ -165,7 +178,8 @@ def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_shape: tuple[int,
     x1 = (boxes[:, 2].ceil() + 1).clamp(max=W)
     y1 = (boxes[:, 3].ceil() + 1).clamp(max=H)
     windows = torch.stack((x0, y0, x1, y1), dim=1).to(torch.int32).long()  # (N, 4)
-    for n, ys, xs, inside in _buckets(windows, padded=form == "gpu"):
+    groups = _one_bucket(windows) if torch.compiler.is_compiling() else _buckets(windows, padded=form == "gpu")
+    for n, ys, xs, inside in groups:
         b = boxes[n]  # (k, 4)
         gx = (xs.float() + 0.5 - b[:, 0:1]) / (b[:, 2:3] - b[:, 0:1]) * 2 - 1  # (k, w), the original's float order
         gy = (ys.float() + 0.5 - b[:, 1:2]) / (b[:, 3:4] - b[:, 1:2]) * 2 - 1  # (k, h)

@@ -15,7 +15,8 @@ multiply-adds), three adds for the sample values, then one add per sample slot i
 reduction kernel is used: those reorder. Groups are sized so their products stay in the CPU caches. In the
 adaptive case bins are sorted by sample count, so slot j is an add over a prefix of a group's bins and no bin
 adds padding. With sampling_ratio > 0 shapes depend only on K, P and g: no host-device synchronisation; the
-adaptive case reads its sample counts to the host, once per call (shapes depend on them).
+adaptive case reads its sample counts to the host, once per call (shapes depend on them); exported, it reads
+nothing and loops over the sample slots of the largest grid instead (`_pool_adaptive_traced`, the same sums).
 
 The "gpu" form (`impl`, see ops/forms.py; the default on GPUs) sends the same taps through one
 `F.embedding_bag` in "sum" mode with a bag of taps per bin: a fused gather and weighted sum, in the GPU's own
@@ -38,7 +39,8 @@ from minseg.ops import forms, reference
 from minseg.ops.feature_table import compute_dtype, feature_table
 from minseg.ops.forms import device_scalar
 from minseg.ops.roi_align_backward import pool_grad
-from minseg.ops.roi_align_taps import adaptive_chunks, adaptive_grid, adaptive_taps, fixed_taps
+from minseg.ops.roi_align_taps import (adaptive_chunks, adaptive_grid, adaptive_taps, bilinear_taps, fixed_taps,
+                                       roi_geometry, sample_positions, sample_taps)
 
 _MAX_ENTRIES = 1 << 21  # sample taps per run of RoIs (bounds the index/weight temporaries)
 _MAX_ENTRIES_GPU = 1 << 24  # on GPUs each run costs ~100 kernel launches: fewer, larger runs (~200 MB of taps)
@@ -154,6 +156,39 @@ def _pool_adaptive(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, wi
     return table.new_zeros((M, C)).index_copy_(0, bins[:len(n_bins)], sums.div_(count))  # RoI order
 
 
+def _pool_adaptive_traced(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
+                          P: tuple[int, int], aligned: bool) -> Tensor:
+    """`_pool_adaptive` with no host read, for exported graphs: a torch.while_loop (an ONNX Loop) over the sample
+    slots (iy, ix) of the largest grid, row by row, every bin adding its sample at that slot to its running sum;
+    a slot outside a RoI's own grid adds a zero-weight sample (+-0.0, which leaves the sum unchanged). Each bin
+    thus adds its own samples from 0 in the kernel's (iy, ix) order: the same sums, then divided by the count.
+    Returns Tensor[K*Ph*Pw, C]."""
+    K, C = rois.shape[0], table.shape[1]
+    Ph, Pw = P
+    y1, x1, bin_h, bin_w, _, _ = roi_geometry(rois, scale, P, aligned)
+    gh, gw = adaptive_grid(rois, scale, P, aligned)
+    dtype = y1.dtype
+    GH, GW = (torch.cat((g, g.new_zeros(1))).amax(0) for g in (gh, gw))  # 0 when there are no RoIs
+    ph = torch.arange(Ph, dtype=dtype, device=rois.device)[None, :]
+    pw = torch.arange(Pw, dtype=dtype, device=rois.device)[None, :]
+
+    def body(j: Tensor, acc: Tensor) -> tuple[Tensor, Tensor]:
+        iy, ix = torch.div(j, GW, rounding_mode="floor"), j % GW
+        py = sample_positions(y1[:, None], bin_h[:, None], gh.to(dtype)[:, None], ph, iy.to(dtype))  # (K, Ph)
+        px = sample_positions(x1[:, None], bin_w[:, None], gw.to(dtype)[:, None], pw, ix.to(dtype))  # (K, Pw)
+        ty = [t[:, :, None] for t in bilinear_taps(py, height.to(dtype)[:, None])]  # (K, Ph, 1)
+        tx = [t[:, None, :] for t in bilinear_taps(px, width.to(dtype)[:, None])]  # (K, 1, Pw)
+        idx, wts, _ = sample_taps(base[:, None, None], width[:, None, None], ty, tx)  # (K, Ph, Pw, 4)
+        wts = torch.where(((iy < gh) & (ix < gw))[:, None, None, None], wts, 0.0)
+        p = (table[idx.reshape(-1)] * wts.reshape(-1, 1)).view(-1, 4, C)  # (K*Ph*Pw, 4, C)
+        return j + 1, acc + (((p[:, 0] + p[:, 1]) + p[:, 2]) + p[:, 3])
+
+    start = (torch.zeros((), dtype=torch.int64, device=rois.device), table.new_zeros((K * Ph * Pw, C)))
+    _, sums = torch.while_loop(lambda j, acc: j < GH * GW, body, start)
+    count = (gh * gw).clamp(min=1).to(table.dtype).repeat_interleave(Ph * Pw)[:, None]  # (K*Ph*Pw, 1)
+    return sums / count
+
+
 def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
           P: tuple[int, int], sampling_ratio: int, aligned: bool, fused: bool) -> Tensor:
     """RoIAlign over a channels-last table of rows. Returns Tensor[K, C, Ph, Pw]. `fused`: the "gpu" form.
@@ -174,6 +209,8 @@ def _pool(table: Tensor, rois: Tensor, base: Tensor, height: Tensor, width: Tens
         out = torch.cat([_pool_fixed(table, rois[s:s + step], base[s:s + step], height[s:s + step],
                                      width[s:s + step], scale[s:s + step], P, sampling_ratio, aligned, fused)
                          for s in ([0] if traced else range(0, K, step))])
+    elif torch.compiler.is_compiling():  # exported: no host read
+        out = _pool_adaptive_traced(table, rois, base, height, width, scale, P, aligned)
     else:  # every RoI's grid read to the host once: chunks and shapes depend on it
         gh, gw = adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
