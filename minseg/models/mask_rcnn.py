@@ -96,9 +96,11 @@ class MaskRCNN(nn.Module):
             image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
             resized.append(image)
         sizes = [(im.shape[1], im.shape[2]) for im in resized]
-        d = t.size_divisible  # pad to ceil(side / d) * d, in integers (the sizes may be symbolic: torch.export)
-        hp = -(-functools.reduce(torch.sym_max, [h for h, _ in sizes]) // d) * d
-        wp = -(-functools.reduce(torch.sym_max, [w for _, w in sizes]) // d) * d
+        # pad to ceil(side / d) * d in integers (the sizes may be symbolic: torch.export), written without a negative
+        # floor division, which the ONNX exporter turns into a truncating one
+        d = t.size_divisible
+        hp = (functools.reduce(torch.sym_max, [h for h, _ in sizes]) + d - 1) // d * d
+        wp = (functools.reduce(torch.sym_max, [w for _, w in sizes]) + d - 1) // d * d
         batch = torch.stack([F.pad(im, (0, wp - im.shape[2], 0, hp - im.shape[1])) for im in resized])  # zeros
         return batch, sizes
 
