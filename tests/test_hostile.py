@@ -444,7 +444,10 @@ def test_ctrl_c_during_predict_leaves_nothing(tmp_path):
         Image.new("RGB", (384, 384), (i, 100, 200)).save(paths[-1])
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "minseg", "predict", "--model", "unet_resnet34", *map(str, paths),
-                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # as from a terminal: a shell's background job (CI started with `&`) inherits SIGINT
+                               # ignored, and Python then installs no KeyboardInterrupt handler
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not (out.exists() and any(n.endswith(".tmp") for n in os.listdir(out))):
         assert process.poll() is None, process.communicate()
