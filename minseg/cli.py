@@ -189,13 +189,17 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from minseg_ref.bench import format_footer, format_header, format_row, run
+    from minseg_ref import bench as table
+    run = table.run
     if args.train:  # one training step (forward, loss, backward, SGD) instead of a forward: minseg_ref/bench_train.py
         from minseg_ref.bench_train import run
+    if args.data:  # the loader against the training step and eval, images/s: minseg_ref/bench_data.py
+        from minseg_ref import bench_data as table
+        run = table.run
 
     rows = run(args.model or None, device=args.device, ops=args.ops, repeats=args.repeats,
-               on_row=streamer(format_header(), format_row))  # each row as it is measured
-    print(format_footer(rows))
+               on_row=streamer(table.format_header(), table.format_row))  # each row as it is measured
+    print(table.format_footer(rows))
     return 0
 
 
@@ -307,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--ops", action="store_true", help="also time the operators (RoIAlign, NMS) against torchvision.ops")
     p.add_argument("--repeats", type=_positive_int, default=3, help="timed runs per side (median reported)")
-    p.add_argument("--train", action="store_true", help="time one training step (fcn_*, deeplabv3_*, unet_resnet34, maskrcnn_*)")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--train", action="store_true", help="time one training step (fcn_*, deeplabv3_*, unet_resnet34, maskrcnn_*)")
+    what.add_argument("--data", action="store_true", help="images/s of the training loader against the training step, "
+                                                          "and of the eval's reads against minseg eval, per family")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="a model's metrics on a dataset: mIoU, COCO box/mask AP, or PQ",
