@@ -16,13 +16,15 @@ For each model a small dataset of 480x640 images is written to a temporary folde
   threshold: the note gives the detections per image.
 
 Everything is reported in images per second, with the ratios loader / step and reads / eval: how many times
-faster the data comes than the model takes it. On a shared machine the ratios are the point, not the speeds.
+faster the data comes than the model takes it. On a shared machine the ratios are the point, not the speeds: the
+note gives the 1-minute load average before and after each row.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -121,11 +123,13 @@ def bench_data(name: str, device: str, repeats: int) -> DataRow:
     from minseg.training.adapters import family_of
 
     family = family_of(name)
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="minseg-bench-data-") as tmp:
         data, split, layout = write_dataset(family, Path(tmp) / "data")
         loader, steps = train_timings(name, data, split, Path(tmp) / "run", device, repeats)
         reads, evals, note = eval_timings(name, family, data, split, device, repeats)
     H, W = SIZE
+    note = "; ".join(filter(None, [f"load {load:.1f} -> {os.getloadavg()[0]:.1f}", note]))  # the machine's, 1 min
     return DataRow(name, device, f"{IMAGES} {layout} {H}x{W}, batch {BATCH}", BATCH / statistics.median(loader),
                    BATCH / statistics.median(steps), reads, evals, note)
 
