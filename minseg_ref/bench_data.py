@@ -176,4 +176,5 @@ def format_footer(rows: list[DataRow]) -> str:
     return ("images/s. loader: minseg train's DataLoader alone (read, decode, the recipe's augmentation; --workers 0); "
             "step: its training step (forward, loss, backward, optimiser); ratio = loader / step\n"
             "reads: minseg eval's dataset reads alone; eval: its loop (predict, metrics, summary; random init); "
-            "ratio = reads / eval. Medians over --repeats steps / passes after a warm-up")
+            "ratio = reads / eval\nloader, step: medians of --repeats steps after a warm-up step; "
+            "reads: median of --repeats passes; eval: one pass over the dataset after a warm-up prediction")
