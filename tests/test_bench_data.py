@@ -18,9 +18,10 @@ def test_bench_data_prints_a_row_per_model(monkeypatch, capsys):
     assert lines[0].split()[:5] == ["model", "device", "input", "loader", "step"] and set(lines[1]) == {"-"}
     row = lines[2].split()
     assert row[:2] == ["unet_resnet34", "cpu"] and "4 VOC jpg 48x64, batch 2" in lines[2]
-    loader, step, ratio, reads, evals, eval_ratio = row[-6:]
+    after_input = row.index("batch") + 2
+    loader, step, ratio, reads, evals, eval_ratio, *note = row[after_input:]
     assert float(loader) > 0 and float(step) > 0 and float(reads) > 0 and float(evals) > 0
-    assert ratio.endswith("x") and eval_ratio.endswith("x")
+    assert ratio.endswith("x") and eval_ratio.endswith("x") and note[0] == "load" and note[2] == "->"
     assert lines[3].startswith("images/s. loader: minseg train's DataLoader") and err == ""
 
 
