@@ -11,6 +11,11 @@ semantic head on the same FPN maps labels the "stuff"; panoptic fusion merges bo
 In train mode the same network returns detectron2's six losses instead (forward_train): the semantic head's cross
 entropy, the RPN's and the RoI heads' (Mask R-CNN's) losses, with detectron2's matching, sampling and weights.
 
+A fresh build takes detectron2's own initialisation (detectron2_init). Its default norms are detectron2's for an
+ImageNet-initialised backbone (MODEL.RESNETS.NORM "FrozenBN", FREEZE_AT 2), with which random init diverges (0..255
+pixels pass identity statistics unnormalised); norm="GN" or "BN" with freeze_at=0 trains from scratch as detectron2's
+configs/Misc/scratch_* do (those also put GN in the FPN and the RoI heads, which minseg does not offer).
+
 Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.forward, .inference) and rcnn.py
 (preprocess_image); the RPN, RoI heads and FPN are the shared Mask R-CNN modules configured the detectron2 way.
 """
