@@ -11,6 +11,11 @@ semantic head on the same FPN maps labels the "stuff"; panoptic fusion merges bo
 In train mode the same network returns detectron2's six losses instead (forward_train): the semantic head's cross
 entropy, the RPN's and the RoI heads' (Mask R-CNN's) losses, with detectron2's matching, sampling and weights.
 
+A fresh build takes detectron2's own initialisation (detectron2_init). Its default norms are detectron2's for an
+ImageNet-initialised backbone (MODEL.RESNETS.NORM "FrozenBN", FREEZE_AT 2), with which random init diverges (0..255
+pixels pass identity statistics unnormalised); norm="GN" or "BN" with freeze_at=0 trains from scratch as detectron2's
+configs/Misc/scratch_* do (those also put GN in the FPN and the RoI heads, which minseg does not offer).
+
 Follows detectron2 modeling/meta_arch/panoptic_fpn.py (PanopticFPN.forward, .inference) and rcnn.py
 (preprocess_image); the RPN, RoI heads and FPN are the shared Mask R-CNN modules configured the detectron2 way.
 """
@@ -31,15 +36,20 @@ from minseg.heads.roi_heads import RoIHeads, RoIHeadsConfig
 from minseg.heads.rpn import RPN, RPNConfig
 from minseg.heads.semantic import SemSegFPNConfig, SemSegFPNHead, sem_seg_loss
 from minseg.models._inputs import check_image_list
-from minseg.models._options import (MAX_CLASSES, MAX_SIDE, check_float, check_floats, check_int, set_checked,
-                                    shown)
+from minseg.models._options import (MAX_CLASSES, MAX_SIDE, check_choice, check_float, check_floats, check_int,
+                                    set_checked, shown)
 from minseg.models._predict import inference
 from minseg.models.mask_rcnn import check_targets
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
 from minseg.ops.box_coders import Box2BoxTransform
+from minseg.ops.layers import FrozenBatchNorm2d
 from minseg.ops.masks import paste_masks_detectron2
 from minseg.ops.poolers import MultiScaleRoIAlign, assign_levels_detectron2
+
+
+# MODEL.RESNETS.NORM -> minseg's norm (ops/layers.py make_norm): detectron2 layers/batch_norm.py get_norm
+RESNET_NORMS = {"FrozenBN": "frozen_bn", "BN": "bn", "GN": "gn"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +66,7 @@ class PanopticFPNConfig:
     mask_threshold: float = 0.5                             # pasted mask probability >= this is foreground
     fusion: FusionConfig = field(default_factory=FusionConfig)
     # training
+    norm: str = "FrozenBN"                                  # MODEL.RESNETS.NORM: "FrozenBN", "BN" or "GN" (scratch)
     freeze_at: int = 2                                      # MODEL.BACKBONE.FREEZE_AT: stem and res2 (layer1) frozen
     sem_seg_loss_weight: float = 0.5                        # SEM_SEG_HEAD.LOSS_WEIGHT
     ignore_value: int = 255                                 # SEM_SEG_HEAD.IGNORE_VALUE: unlabelled sem_seg pixels
@@ -69,6 +80,7 @@ class PanopticFPNConfig:
         check_int("min_size_test", self.min_size_test, 1, MAX_SIDE)
         check_int("max_size_test", self.max_size_test, 1, MAX_SIDE)
         check_float("mask_threshold", self.mask_threshold, 0.0, 1.0)
+        check_choice("norm", self.norm, tuple(RESNET_NORMS))
         check_int("freeze_at", self.freeze_at, 0, 5)
         check_float("sem_seg_loss_weight", self.sem_seg_loss_weight, 0.0, 1e3)
         check_int("ignore_value", self.ignore_value, 0, 65535)
@@ -200,12 +212,68 @@ def check_training_inputs(batch: list[dict]) -> None:
 
 
 def freeze_stages(backbone: ResNet, freeze_at: int) -> None:
-    """detectron2 ResNet.freeze(freeze_at): requires_grad False on the stem (freeze_at >= 1) and on the residual
-    stages res2..res{freeze_at} (minseg's layer1..layer{freeze_at - 1}); its norms are frozen already."""
-    frozen = (["conv1.", "bn1."] if freeze_at >= 1 else []) + [f"layer{k}." for k in range(1, freeze_at)]
+    """detectron2 ResNet.freeze(freeze_at): the stem (freeze_at >= 1) and the residual stages res2..res{freeze_at}
+    (minseg's layer1..layer{freeze_at - 1}) stop training: requires_grad False, and a BatchNorm there becomes a
+    FrozenBatchNorm2d holding its statistics (CNNBlockBase.freeze); FrozenBN and GN norms keep their modules."""
+    frozen = tuple(["conv1.", "bn1."] if freeze_at >= 1 else []) + tuple(f"layer{k}." for k in range(1, freeze_at))
+    for name, m in list(backbone.named_modules()):
+        if isinstance(m, nn.BatchNorm2d) and (name + ".").startswith(frozen):
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent), child, frozen_batch_norm(m))
     for name, p in backbone.named_parameters():
-        if name.startswith(tuple(frozen)):
+        if name.startswith(frozen):
             p.requires_grad_(False)
+
+
+def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
+    """detectron2 FrozenBatchNorm2d.convert_frozen_batchnorm for one BatchNorm2d: its affine and statistics."""
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps, arithmetic="batch_norm")
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        getattr(frozen, k).copy_(getattr(bn, k).detach())
+    return frozen
+
+
+def c2_msra_fill(m: nn.Module) -> None:
+    """fvcore nn/weight_init.py c2_msra_fill (Caffe2's MSRAFill): kaiming normal, fan_out, ReLU gain; bias 0."""
+    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def c2_xavier_fill(m: nn.Module) -> None:
+    """fvcore nn/weight_init.py c2_xavier_fill (Caffe2's XavierFill): kaiming uniform with a=1; bias 0."""
+    nn.init.kaiming_uniform_(m.weight, a=1)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def normal_fill(m: nn.Module, std: float) -> None:
+    nn.init.normal_(m.weight, std=std)
+    nn.init.zeros_(m.bias)
+
+
+def detectron2_init(model: PanopticFPN) -> None:
+    """Give every layer the initialisation detectron2 gives it when it builds the model (a random-init build, and
+    the class-specific layers that fine-tuning with another num_classes re-initialises):
+        backbone convs                 c2_msra_fill      modeling/backbone/resnet.py (BasicStem, BottleneckBlock)
+        box head fcs                   c2_xavier_fill    roi_heads/box_head.py FastRCNNConvFCHead
+        cls_score / bbox_pred          normal 0.01 / 0.001, bias 0   roi_heads/fast_rcnn.py FastRCNNOutputLayers
+        mask head convs and deconv     c2_msra_fill      roi_heads/mask_head.py MaskRCNNConvUpsampleHead
+        mask predictor                 normal 0.001, bias 0          (same)
+        sem-seg head convs, predictor  c2_msra_fill      meta_arch/semantic_seg.py SemSegFPNHead
+    The FPN (c2_xavier_fill) and RPN (normal 0.01, bias 0) constructors already initialise as detectron2's, and
+    every norm starts as weight 1, bias 0 (statistics 0 and 1)."""
+    convs = [m for m in model.backbone.modules() if isinstance(m, nn.Conv2d)]
+    heads = model.roi_heads
+    convs += [m for m in heads.mask_head.conv.modules() if isinstance(m, nn.Conv2d)] + [heads.mask_head.deconv]
+    convs += [m for m in model.sem_seg_head.modules() if isinstance(m, nn.Conv2d)]
+    for m in convs:
+        c2_msra_fill(m)
+    for fc in heads.box_head.fc:
+        c2_xavier_fill(fc)
+    normal_fill(heads.box_predictor.cls_score, 0.01)
+    normal_fill(heads.box_predictor.bbox_pred, 0.001)
+    normal_fill(heads.mask_head.predictor, 0.001)
 
 
 def _pil_bilinear():
@@ -281,11 +349,13 @@ def detectron2_roi_heads(num_classes: int) -> RoIHeads:
 
 
 def panoptic_fpn(cfg: PanopticFPNConfig) -> PanopticFPN:
-    backbone = ResNet(resnet_config(cfg.depth, stride_in_1x1=True, norm="frozen_bn", norm_eps=1e-5,
+    backbone = ResNet(resnet_config(cfg.depth, stride_in_1x1=True, norm=RESNET_NORMS[cfg.norm], norm_eps=1e-5,
                                     out_features=("c2", "c3", "c4", "c5")))
+    model = PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(cfg.num_classes),
+                        SemSegFPNHead(SemSegFPNConfig(num_classes=cfg.num_sem_seg_classes)))
+    detectron2_init(model)
     freeze_stages(backbone, cfg.freeze_at)
-    return PanopticFPN(cfg, backbone, FPN(DETECTRON2_FPN), detectron2_rpn(), detectron2_roi_heads(cfg.num_classes),
-                       SemSegFPNHead(SemSegFPNConfig(num_classes=cfg.num_sem_seg_classes)))
+    return model
 
 
 def panoptic_fpn_resnet50_config(**options) -> PanopticFPNConfig:

@@ -49,6 +49,7 @@ class Settings:
     workers: int = 0
     augment: bool = True
     image_size: int | None = None
+    options: dict | None = None  # create_model options of a fresh run (e.g. Panoptic FPN's norm, freeze_at)
     freeze_bn: bool = False
     dropout: bool = True
     sync_bn: bool = False
@@ -144,11 +145,13 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         wanted = adapters.DATASET_KIND[family]
         raise ValueError(f"{s.data}: a {dataset.kind} dataset; {s.model} trains on {wanted} data")
     needed = adapters.classes_needed(family, dataset.categories)
-    overrides = dict(saved["config"]["overrides"]) if saved else {}
+    overrides = dict(saved["config"]["overrides"]) if saved else dict(s.options or {})
     if not saved and family == "semantic" and s.weights is None:
         overrides["aux_loss"] = True  # torchvision's reference trains FCN / DeepLabV3 with --aux-loss
     if not saved and s.image_size and family == "maskrcnn":  # the model resizes: min_size, max_size scaled alike
         overrides.update(min_size=s.image_size, max_size=round(s.image_size * 1333 / 800))
+    if not saved and s.image_size and family == "panoptic_fpn":  # predict()'s test resize, scaled alike
+        overrides.update(min_size_test=s.image_size, max_size_test=round(s.image_size * 1333 / 800))
     num_classes = s.num_classes
     if num_classes is None and s.weights is None and not saved:
         if needed == 0:
