@@ -170,13 +170,27 @@ def streamer(header: str, format_row):
     return show
 
 
+def _model_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE -> (key, value): the value as an int, a float, a bool (true/false) or else the text itself."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for parse in (int, float):
+        try:
+            return key, parse(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def cmd_train(args) -> int:
     """The run lives in minseg/training/run.py; here only the options become its Settings."""
     from minseg.training.run import Settings, train
 
     _usable_device(args.device)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "version")}
-    train(Settings(**options))
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "func", "version")}
+    settings["options"] = dict(settings["options"]) if settings["options"] else None
+    train(Settings(**settings))
     return 0
 
 
@@ -291,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=_positive_int, default=10, help="steps between log lines (default 10)")
     p.add_argument("--save-every", type=_positive_int, default=1000, help="steps between saves (default 1000; also at the end)")
     p.add_argument("--check-replicas", action="store_true", help="under torchrun: stop if the ranks' weights ever differ")
+    p.add_argument("--option", dest="options", action="append", type=_model_option, metavar="KEY=VALUE",
+                   help="a create_model option of a fresh run (repeatable), e.g. norm=GN freeze_at=0 for Panoptic FPN "
+                        "from scratch as detectron2's scratch configs (the model config's fields)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="export a model's whole inference path (torch.export .pt2 or ONNX)",

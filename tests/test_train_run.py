@@ -204,3 +204,23 @@ def test_panoptic_fpn_step(tmp_path):
                    "--batch-size", 1, "--image-size", 64, "--log-every", 1) == 0
     (line,) = log_of(tmp_path / "run")
     assert {"loss_rpn_cls", "loss_sem_seg", "loss_mask"} < set(line) and np.isfinite(line["loss"])
+
+
+def test_model_options_from_the_command_line(semantic, tmp_path, capsys, monkeypatch):
+    """--option KEY=VALUE reaches the fresh run's create_model options (int, float, bool or text); an unknown option
+    exits 2 with one line naming it and a malformed one is refused by the parser, --out untouched either way."""
+    seen = {}
+    monkeypatch.setattr("minseg.training.run.train", lambda s: seen.setdefault("options", s.options))
+    assert run_cli("--model", "panoptic_fpn_resnet50", "--data", semantic, "--out", tmp_path / "a",
+                   "--option", "norm=GN", "--option", "freeze_at=0", "--option", "pixel_std=57.5") == 0
+    assert seen["options"] == {"norm": "GN", "freeze_at": 0, "pixel_std": 57.5}
+    monkeypatch.undo()
+    out = tmp_path / "b"
+    argv = ("--model", "unet_resnet34", "--data", semantic, "--out", out, "--steps", 1, "--num-classes", 3)
+    assert run_cli(*argv, "--option", "colour=red") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "colour" in err[0], err
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(*argv, "--option", "colour")
+    assert exit_.value.code == 2 and "KEY=VALUE" in capsys.readouterr().err
+    assert not out.exists()
