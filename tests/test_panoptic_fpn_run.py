@@ -70,6 +70,19 @@ def test_norm_and_freeze_at_are_detectron2s():
         minseg.create_model(MODEL, norm="SyncBN")
 
 
+def test_norms_train_without_weight_decay():
+    """detectron2's SOLVER.WEIGHT_DECAY_NORM = 0: the GroupNorms' weights and biases get no weight decay, every
+    other trained parameter WEIGHT_DECAY 1e-4."""
+    from minseg.training.optim import build_optimizer
+
+    gn = minseg.create_model(MODEL, **SCRATCH)
+    decay = {id(p): g["weight_decay"] for g in build_optimizer("panoptic_fpn", gn, 0.01).param_groups
+             for p in g["params"]}
+    norms = {id(p) for m in gn.modules() if isinstance(m, nn.GroupNorm) for p in m.parameters()}
+    assert norms and all(decay[i] == 0.0 for i in norms)
+    assert all(decay[id(p)] == 1e-4 for p in gn.parameters() if p.requires_grad and id(p) not in norms)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     # 128 x 160 images: fusion keeps a stuff segment of at least 4096 pixels (detectron2's STUFF_AREA_LIMIT), at the

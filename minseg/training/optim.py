@@ -38,6 +38,7 @@ class Schedule:
     gamma: float = 0.1
     poly: float = 0.0              # > 0: (1 - step / total) ** poly
     head_lr: dict[str, float] | None = None  # parameter-name prefix -> lr factor
+    norm_weight_decay: float | None = None   # weight decay of norm layers' weight and bias (None: weight_decay)
 
     def factor(self, step: int, total: int) -> float:
         """The lr multiplier at `step` (0-based) of a run of `total` steps."""
@@ -59,7 +60,8 @@ SCHEDULES = {
     "maskrcnn": Schedule(lr=0.02, batch=16, optimizer="sgd", weight_decay=1e-4, warmup_steps=1000,
                          warmup_factor=1e-3, milestones=(16 / 26, 22 / 26)),
     "panoptic_fpn": Schedule(lr=0.02, batch=16, optimizer="sgd", weight_decay=1e-4, warmup_steps=1000,
-                             warmup_factor=1e-3, milestones=(210 / 270, 250 / 270)),
+                             warmup_factor=1e-3, milestones=(210 / 270, 250 / 270),
+                             norm_weight_decay=0.0),  # SOLVER.WEIGHT_DECAY_NORM: matters with norm="GN" or "BN"
     "yolact": Schedule(lr=1e-3, batch=8, optimizer="sgd", weight_decay=5e-4, warmup_steps=500, warmup_factor=0.1,
                        milestones=(0.35, 0.75, 0.875, 0.9375)),
     "unet": Schedule(lr=1e-4, batch=8, optimizer="adam"),
@@ -71,19 +73,27 @@ def default_lr(family: str, global_batch: int) -> float:
     return s.lr * global_batch / s.batch
 
 
+nn = torch.nn
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
+         nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)  # detectron2's norm_module_types
+
+
 def build_optimizer(family: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The family's optimiser over the parameters that train (requires_grad), grouped by lr factor; each group
+    """The family's optimiser over the parameters that train (requires_grad), grouped by lr factor and weight
+    decay (detectron2's get_default_optimizer_params gives norm layers SOLVER.WEIGHT_DECAY_NORM); each group
     remembers its factor as "lr_factor" so that set_lr can apply the schedule."""
     s = SCHEDULES[family]
-    groups: dict[float, list] = {}
+    in_norm = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    groups: dict[tuple[float, float], list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
             factor = next((f for prefix, f in (s.head_lr or {}).items() if name.startswith(prefix)), 1.0)
-            groups.setdefault(factor, []).append(p)
-    params = [{"params": ps, "lr": lr * f, "lr_factor": f} for f, ps in groups.items()]
+            decay = s.norm_weight_decay if id(p) in in_norm and s.norm_weight_decay is not None else s.weight_decay
+            groups.setdefault((factor, decay), []).append(p)
+    params = [{"params": ps, "lr": lr * f, "lr_factor": f, "weight_decay": wd} for (f, wd), ps in groups.items()]
     if s.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=s.momentum)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, family: str, lr: float, step: int, total: int) -> float:
