@@ -16,10 +16,8 @@ from minseg.data import transforms as T
 from minseg.training.run import Settings, train
 from minseg_ref.tiny_data import write_coco_instances
 
-pytest.importorskip("pycocotools")
-
-STEPS, LR = 60, 0.02     # the overfit run: the original's schedule (x0.1 at 35%, 75%, ...) at 80 x its batch-2 lr
-BOX_AP, MASK_AP = 0.1, 0.04  # at least: measured box AP 0.242, mask AP 0.117 after 60 steps
+STEPS, LR = 60, 0.02          # the overfit run: the original's schedule (x0.1 at 35%, 75%, ...) at 160 x its 1-image lr
+BOX_AP, MASK_AP = 0.5, 0.05   # at least: measured box AP 0.775 (AP50 1.0), mask AP 0.152 after 60 steps
 
 
 def log_of(out: Path) -> list[dict]:
@@ -51,17 +49,19 @@ def test_small_boxes_survive_the_resize():
 
 
 def test_yolact_overfits_from_random_init(tmp_path):
-    """yolact_resnet50 at max_size 64 (--image-size 64), BatchNorm frozen as train.py sets it below 6 images, the
-    original's SGD and schedule with a higher lr: STEPS steps on two 48x64 images lower the loss from ~24.6 to
-    ~11 (measured), and `minseg eval` of the saved run (rebuilt at max_size 64 from the file's overrides) reaches
-    box AP 0.24 / mask AP 0.12 (measured) on its training images."""
-    data = write_coco_instances(tmp_path / "ins", n=2, size=(48, 64))
+    """yolact_resnet50 at max_size 64 (--image-size 64) from random init, BatchNorm frozen as train.py sets it below
+    6 images, the original's SGD and schedule at a higher lr, on one 48x64 image (two shapes and a crowd): in 60
+    steps the loss falls from 24.1 to 9.6 and the box loss from 8.25 to 0.115 (measured), and `minseg eval` of the
+    saved run (rebuilt at max_size 64 from the file's overrides) reaches box AP 0.775, mask AP 0.152 (measured:
+    the mask branch, a product of prototypes and coefficients that both start near 0, learns last)."""
+    pytest.importorskip("pycocotools")  # minseg eval's COCO AP
+    data = write_coco_instances(tmp_path / "ins", n=1, size=(48, 64))
     out = tmp_path / "run"
     assert main(["train", "--model", "yolact_resnet50", "--data", str(data), "--out", str(out), "--steps", str(STEPS),
-                 "--lr", str(LR), "--image-size", "64", "--no-augment", "--log-every", "1"]) == 0
+                 "--batch-size", "1", "--lr", str(LR), "--image-size", "64", "--no-augment", "--log-every", "1"]) == 0
     log = log_of(out)
     assert {"box", "class", "mask", "semantic"} < set(log[0])
-    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"] and log[-1]["box"] < 0.05 * log[0]["box"]
     model = minseg.create_model("yolact_resnet50", weights=out / "last.safetensors")
     assert model.cfg.max_size == 64 and model.cfg.freeze_bn
     assert main(["eval", "--model", "yolact_resnet50", "--weights", str(out / "last.safetensors"), "--data", str(data),
