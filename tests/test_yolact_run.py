@@ -16,8 +16,8 @@ from minseg.data import transforms as T
 from minseg.training.run import Settings, train
 from minseg_ref.tiny_data import write_coco_instances
 
-STEPS, LR = 60, 0.02          # the overfit run: the original's schedule (x0.1 at 35%, 75%, ...) at 160 x its 1-image lr
-BOX_AP, MASK_AP = 0.5, 0.05   # at least: measured box AP 0.775 (AP50 1.0), mask AP 0.151 after 60 steps
+STEPS, LR = 60, 0.005         # the overfit run: the original's schedule (x0.1 at 35%, 75%, ...) at 40 x its 1-image lr
+BOX_AP, MASK_AP = 0.25, 0.1   # at least: measured box AP 0.475 (AP50 0.75), mask AP 0.451 after 60 steps
 
 
 def log_of(out: Path) -> list[dict]:
@@ -66,9 +66,10 @@ def flush_denormal():
 def test_yolact_overfits_from_random_init(tmp_path, flush_denormal):
     """yolact_resnet50 at max_size 64 (--image-size 64) from random init, BatchNorm frozen as train.py sets it below
     6 images, the original's SGD and schedule at a higher lr, on one 48x64 image (two shapes and a crowd): in 60
-    steps the loss falls from 24.08 to 9.61 and the box loss from 8.25 to 0.115 (measured), and `minseg eval` of the
-    saved run (rebuilt at max_size 64 from the file's overrides) reaches box AP 0.775 (AP50 1.0), mask AP 0.151
-    (measured: the mask branch, a product of prototypes and coefficients that both start near 0, learns last)."""
+    steps the loss falls from 24.08 to 8.06 and the box loss from 8.25 to 2.85 (measured), and `minseg eval` of the
+    saved run (rebuilt at max_size 64 from the file's overrides) reaches box AP 0.475 (AP50 0.75), mask AP 0.451
+    (measured). Runs this short from random init are sensitive to the lr: the mask loss spikes above 0.005 (0.01:
+    box AP 0.35, mask AP 0; 0.015: the loss ends at 610)."""
     pytest.importorskip("pycocotools")  # minseg eval's COCO AP
     data = write_coco_instances(tmp_path / "ins", n=1, size=(48, 64))
     out = tmp_path / "run"
@@ -76,7 +77,7 @@ def test_yolact_overfits_from_random_init(tmp_path, flush_denormal):
                  "--batch-size", "1", "--lr", str(LR), "--image-size", "64", "--no-augment", "--log-every", "1"]) == 0
     log = log_of(out)
     assert {"box", "class", "mask", "semantic"} < set(log[0])
-    assert log[-1]["loss"] < 0.5 * log[0]["loss"] and log[-1]["box"] < 0.05 * log[0]["box"]
+    assert log[-1]["loss"] < 0.5 * log[0]["loss"] and log[-1]["box"] < 0.5 * log[0]["box"]
     model = minseg.create_model("yolact_resnet50", weights=out / "last.safetensors")
     assert model.cfg.max_size == 64 and model.cfg.freeze_bn
     assert main(["eval", "--model", "yolact_resnet50", "--weights", str(out / "last.safetensors"), "--data", str(data),
@@ -127,3 +128,16 @@ def test_training_input_is_the_models_preprocessing(name):
     recipe = Recipe("yolact", label_map(name, [{"id": 1, "name": "a"}]), 2, False, 64)
     yolact_loss(Recorder(), recipe, [(image.float(), target)], torch.device("cpu"))
     assert torch.equal(seen["x"], model.preprocess(image.permute(1, 2, 0).numpy()))
+
+
+def test_warmup_starts_at_the_originals_lr_warmup_init():
+    """train.py scales cfg.lr to the batch (autoscale) but not lr_warmup_init: at batch 2 the lr rises from 1e-4 to
+    2.5e-4 over 500 iterations, set_lr((lr - 1e-4) * it / 500 + 1e-4)."""
+    from minseg.training import optim
+
+    model = torch.nn.Linear(2, 2)
+    lr = optim.default_lr("yolact", 2)
+    sgd = optim.build_optimizer("yolact", model, lr)
+    assert lr == 2.5e-4 and sgd.defaults["momentum"] == 0.9 and sgd.defaults["weight_decay"] == 5e-4
+    for step, expected in [(0, 1e-4), (250, 1.75e-4), (500, 2.5e-4), (279_999 * 4, 2.5e-4), (280_000 * 4, 2.5e-5)]:
+        assert optim.set_lr(sgd, "yolact", lr, step, 800_000 * 4) == pytest.approx(expected, rel=1e-12)
