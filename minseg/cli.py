@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0: in the training process)")
     p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the images as they are")
     p.add_argument("--image-size", type=_positive_int, metavar="S", help="the recipe's base size (semantic 520, "
-                   "U-Net crop 320, Mask R-CNN / Panoptic FPN shorter side 800; YOLACT uses its model's)")
+                   "U-Net crop 320, Mask R-CNN / Panoptic FPN shorter side 800; YOLACT's input side max_size, 550)")
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm as a frozen affine map (running statistics, no gradient)")
     p.add_argument("--no-dropout", dest="dropout", action="store_false", help="dropout layers off (eval mode)")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: SyncBatchNorm (CUDA only, a torch limit)")

@@ -190,10 +190,10 @@ def test_transforms_move_targets_with_images(tmp_path):
 
 def test_yolact_step(tmp_path):
     """One YOLACT step through its adapter (SSD augmentation, relative boxes, S x S masks, crowds last): the four
-    losses of model.loss are logged and finite. YOLACT's input is its fixed 550 x 550."""
+    losses of model.loss are logged and finite. --image-size sets YOLACT's input side (max_size, priors scaled)."""
     data = write_coco_instances(tmp_path / "ins", n=1)  # image 0 holds a crowd
     assert run_cli("--model", "yolact_resnet50", "--data", data, "--out", tmp_path / "run", "--steps", 1,
-                   "--batch-size", 1, "--log-every", 1) == 0
+                   "--batch-size", 1, "--log-every", 1, "--image-size", 64) == 0
     (line,) = log_of(tmp_path / "run")
     assert {"box", "class", "mask", "semantic"} < set(line) and np.isfinite(line["loss"])
 

@@ -256,7 +256,7 @@ def yolact_train(image: torch.Tensor, target: Target, g: torch.Generator, *, siz
     """YOLACT utils/augmentations.py SSDAugmentation (augment_photometric_distort, augment_expand,
     augment_random_sample_crop, augment_random_mirror all on, as yolact_base_config): photometric distortion,
     expand, random sample crop, mirror, then Resize to size x size (aspect not kept; masks bilinear then > 0.5 as
-    the original's cv2 resize of 0/1 masks, boxes under 4 pixels dropped). Returns the image as
+    the original's cv2 resize of 0/1 masks, degenerate boxes dropped). Returns the image as
     float 0..255 RGB Tensor[3, size, size] (normalisation is the model's preprocessing) and its target."""
     x = _photometric_distort(image.float(), g)
     x, target = _expand(x, target, g)
@@ -268,7 +268,8 @@ def yolact_train(image: torch.Tensor, target: Target, g: torch.Generator, *, siz
     masks = target["masks"]
     masks = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
     boxes = target["boxes"] * torch.tensor([size / W, size / H, size / W, size / H])
-    # kept: the original's Resize drops boxes narrower or shorter than 4 pixels (discard_box_width/height 4/550)
-    keep = ((boxes[:, 2] - boxes[:, 0]) > 4) & ((boxes[:, 3] - boxes[:, 1]) > 4)
+    # kept: the original's Resize compares these pixel sides with discard_box_width/height = 4 / 550 (meant as a
+    # fraction of the image), so it drops only boxes under 4/550 of a pixel, at any max_size
+    keep = ((boxes[:, 2] - boxes[:, 0]) > 4 / 550) & ((boxes[:, 3] - boxes[:, 1]) > 4 / 550)
     return x, {**target, "masks": (masks[keep] > 0.5).to(torch.uint8), "boxes": boxes[keep],
                "category_ids": target["category_ids"][keep], "iscrowd": target["iscrowd"][keep]}

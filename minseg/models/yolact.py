@@ -28,8 +28,8 @@ from minseg.backbones.resnet import resnet
 from minseg.heads.yolact import PredictionHead, ProtoNet
 from minseg.heads.yolact_loss import YolactLossConfig, yolact_loss
 from minseg.models._inputs import check_images
-from minseg.models._options import (MAX_BOXES, MAX_CLASSES, check_bool, check_float, check_floats, check_int,
-                                    set_checked)
+from minseg.models._options import (MAX_BOXES, MAX_CLASSES, MAX_SIDE, check_bool, check_float, check_floats,
+                                    check_int, set_checked)
 from minseg.models._predict import inference
 from minseg.necks.yolact_fpn import YolactFPN
 from minseg.ops.fast_nms import cross_class_fast_nms, fast_nms
@@ -39,6 +39,7 @@ from minseg.ops.yolact_boxes import crop_masks, decode_yolact, sanitize_coordina
 MEAN_RGB = (123.68, 116.78, 103.94)
 STD_RGB = (58.40, 57.12, 57.38)
 MASK_CHUNK = 16  # masks resized to the image size at a time in postprocess
+BASE_SIZE, BASE_SCALES = 550, (24, 48, 96, 192, 384)  # yolact_base_config's max_size and pred_scales
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,9 +47,9 @@ class YolactConfig:
     """What a YOLACT variant fixes (fields without a default) and the create_model options, the original's cfg."""
     # the variant's architecture
     backbone: str                                      # "resnet50", "resnet101" (yolact_base) or "darknet53"
-    max_size: int                                      # input side; also normalises the prior sizes
-    scales: tuple[int, ...]                            # prior side in pixels at P3..P7
+    scales: tuple[int, ...]                            # prior side in pixels at P3..P7 (follows max_size)
     # options
+    max_size: int = BASE_SIZE                          # input side S (images resized to S x S); normalises the priors
     num_classes: int = 81                              # including background (class 0), like the original's cfg
     aspect_ratios: tuple[float, ...] = (1, 1 / 2, 2)
     num_prototypes: int = 32
@@ -62,6 +63,7 @@ class YolactConfig:
     loss: YolactLossConfig = YolactLossConfig()        # MultiBoxLoss's thresholds, OHEM ratio, alphas
 
     def __post_init__(self) -> None:
+        check_int("max_size", self.max_size, 64, MAX_SIDE)
         check_int("num_classes", self.num_classes, 2, MAX_CLASSES)  # background and at least one class
         set_checked(self, "aspect_ratios", check_floats("aspect_ratios", self.aspect_ratios, range(1, 9), 0.05, 20.0))
         check_int("num_prototypes", self.num_prototypes, 1, 256)
@@ -257,24 +259,45 @@ def yolact(cfg: YolactConfig) -> Yolact:
     num_anchors = len(cfg.aspect_ratios)
     head = PredictionHead(256, num_anchors, cfg.num_classes, cfg.num_prototypes)
     semantic = nn.Conv2d(256, cfg.num_classes - 1, 1)
-    return Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head, semantic)
+    model = Yolact(cfg, backbone, fpn, ProtoNet(256, 256, cfg.num_prototypes), head, semantic)
+    init_weights(model)
+    return model
 
 
-def yolact_resnet50_config(**options) -> YolactConfig:
+def init_weights(model: Yolact) -> None:
+    """The original's Yolact.init_weights: every conv outside the backbone xavier-uniform with a zero bias (its
+    focal-loss bias is off in every config); the backbone keeps torch's default init, where the original loads
+    ImageNet weights."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and not name.startswith("backbone."):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def sized_config(backbone: str, max_size: int, **options) -> YolactConfig:
+    """A variant at input side max_size with the prior scales int(s / 550 * max_size): how the original's
+    yolact_im400 and yolact_im700 configs derive from yolact_base (equal to yolact_base's scales at 550)."""
+    check_int("max_size", max_size, 64, MAX_SIDE)
+    scales = tuple(int(s / BASE_SIZE * max_size) for s in BASE_SCALES)
+    return YolactConfig(backbone=backbone, max_size=max_size, scales=scales, **options)
+
+
+def yolact_resnet50_config(*, max_size: int = 550, **options) -> YolactConfig:
     """The original's yolact_resnet50_config: ResNet-50, 550 px."""
-    return YolactConfig(backbone="resnet50", max_size=550, scales=(24, 48, 96, 192, 384), **options)
+    return sized_config("resnet50", max_size, **options)
 
 
-def yolact_resnet101_config(**options) -> YolactConfig:
+def yolact_resnet101_config(*, max_size: int = 550, **options) -> YolactConfig:
     """The original's yolact_base_config: ResNet-101, 550 px."""
-    return YolactConfig(backbone="resnet101", max_size=550, scales=(24, 48, 96, 192, 384), **options)
+    return sized_config("resnet101", max_size, **options)
 
 
-def yolact_im700_config(**options) -> YolactConfig:
+def yolact_im700_config(*, max_size: int = 700, **options) -> YolactConfig:
     """The original's yolact_im700_config: yolact_base at 700 px, prior scales int(s / 550 * 700)."""
-    return YolactConfig(backbone="resnet101", max_size=700, scales=(30, 61, 122, 244, 488), **options)
+    return sized_config("resnet101", max_size, **options)
 
 
-def yolact_darknet53_config(**options) -> YolactConfig:
+def yolact_darknet53_config(*, max_size: int = 550, **options) -> YolactConfig:
     """The original's yolact_darknet53_config: DarkNet-53 (C3-C5 = 256/512/1024 channels), 550 px, input / 255."""
-    return YolactConfig(backbone="darknet53", max_size=550, scales=(24, 48, 96, 192, 384), **options)
+    return sized_config("darknet53", max_size, **options)

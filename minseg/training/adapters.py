@@ -143,12 +143,15 @@ def panoptic_fpn_loss(model, recipe: Recipe, batch: list[Sample], device: torch.
 
 
 def yolact_loss(model, recipe: Recipe, batch: list[Sample], device: torch.device) -> dict[str, torch.Tensor]:
-    """YOLACT train.py: the augmented S x S image normalised as the model's preprocess, boxes relative to it,
-    crowds last with label -1 (data/coco.py COCODetection)."""
+    """YOLACT train.py: the augmented S x S image normalised as the model's preprocess (SSDAugmentation's
+    BackboneTransform: mean/std for ResNet, / 255 for DarkNet), boxes relative to it, crowds last with label -1
+    (data/coco.py COCODetection)."""
     from minseg.models.yolact import MEAN_RGB, STD_RGB
 
     S = recipe.image_size
     mean, std = torch.tensor(MEAN_RGB).view(3, 1, 1), torch.tensor(STD_RGB).view(3, 1, 1)
+    if getattr(model, "module", model).cfg.backbone == "darknet53":  # (under DDP the model is model.module)
+        mean, std = torch.zeros(3, 1, 1), torch.full((3, 1, 1), 255.0)
     x = torch.stack([(im.float() - mean) / std for im, _ in batch]).to(device)  # (N, 3, S, S)
     targets = []
     for _, t in batch:

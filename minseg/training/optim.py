@@ -8,7 +8,7 @@
     panoptic_fpn  SGD 0.02, momentum 0.9, wd 1e-4;        linear warmup from 1/1000 over   detectron2 Base-RCNN-FPN
                   16 images                               1000 steps, x0.1 at 210k/270k,   + panoptic_fpn_R_*_3x
                                                           250k/270k
-    yolact        SGD 1e-3, momentum 0.9, wd 5e-4;        linear warmup from 1e-4 over     YOLACT data/config.py
+    yolact        SGD 1e-3, momentum 0.9, wd 5e-4;        linear warmup from lr 1e-4 over  YOLACT data/config.py
                   8 images                                500 steps, x0.1 at 280k, 600k,   yolact_base_config
                                                           700k, 750k of 800k
     unet          Adam 1e-4 (torch defaults otherwise);   constant                         smp's example notebooks
@@ -34,19 +34,21 @@ class Schedule:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     warmup_factor: float = 1.0     # lr factor at step 0 of the warmup, rising linearly to 1
+    warmup_init: float = 0.0       # > 0: the warmup starts at this lr whatever the run's lr (YOLACT's lr_warmup_init)
     milestones: tuple[float, ...] = ()  # fractions of the run where the lr is multiplied by gamma
     gamma: float = 0.1
     poly: float = 0.0              # > 0: (1 - step / total) ** poly
     head_lr: dict[str, float] | None = None  # parameter-name prefix -> lr factor
     norm_weight_decay: float | None = None   # weight decay of norm layers' weight and bias (None: weight_decay)
 
-    def factor(self, step: int, total: int) -> float:
-        """The lr multiplier at `step` (0-based) of a run of `total` steps."""
+    def factor(self, step: int, total: int, lr: float) -> float:
+        """The multiplier of the run's `lr` at `step` (0-based) of a run of `total` steps."""
         f = 1.0
         warmup = min(self.warmup_steps, total // 10)
         if step < warmup:  # torchvision's LinearLR, detectron2's WarmupMultiStepLR "linear", YOLACT's set_lr ramp
             alpha = step / warmup
-            f = self.warmup_factor * (1 - alpha) + alpha
+            start = self.warmup_init / lr if self.warmup_init > 0 and lr > 0 else self.warmup_factor
+            f = start * (1 - alpha) + alpha
         if self.poly > 0:
             f *= (1 - step / total) ** self.poly
         for m in self.milestones:
@@ -62,8 +64,8 @@ SCHEDULES = {
     "panoptic_fpn": Schedule(lr=0.02, batch=16, optimizer="sgd", weight_decay=1e-4, warmup_steps=1000,
                              warmup_factor=1e-3, milestones=(210 / 270, 250 / 270),
                              norm_weight_decay=0.0),  # SOLVER.WEIGHT_DECAY_NORM: matters with norm="GN" or "BN"
-    "yolact": Schedule(lr=1e-3, batch=8, optimizer="sgd", weight_decay=5e-4, warmup_steps=500, warmup_factor=0.1,
-                       milestones=(0.35, 0.75, 0.875, 0.9375)),
+    "yolact": Schedule(lr=1e-3, batch=8, optimizer="sgd", weight_decay=5e-4, warmup_steps=500, warmup_init=1e-4,
+                       milestones=(0.35, 0.75, 0.875, 0.9375)),  # train.py scales lr to the batch, not lr_warmup_init
     "unet": Schedule(lr=1e-4, batch=8, optimizer="adam"),
 }
 
@@ -98,7 +100,7 @@ def build_optimizer(family: str, model: torch.nn.Module, lr: float) -> torch.opt
 
 def set_lr(optimizer: torch.optim.Optimizer, family: str, lr: float, step: int, total: int) -> float:
     """Set every group's lr for `step`; returns the base lr (the main group's)."""
-    current = lr * SCHEDULES[family].factor(step, total)
+    current = lr * SCHEDULES[family].factor(step, total, lr)
     for group in optimizer.param_groups:
         group["lr"] = current * group["lr_factor"]
     return current

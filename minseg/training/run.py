@@ -152,6 +152,9 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
         overrides.update(min_size=s.image_size, max_size=round(s.image_size * 1333 / 800))
     if not saved and s.image_size and family == "panoptic_fpn":  # predict()'s test resize, scaled alike
         overrides.update(min_size_test=s.image_size, max_size_test=round(s.image_size * 1333 / 800))
+    if not saved and family == "yolact":  # its input side (prior scales follow); train.py's BatchNorm rule
+        overrides.update({"max_size": s.image_size} if s.image_size else {})
+        overrides["freeze_bn"] = s.freeze_bn or s.batch_size < 6  # frozen below 6 images per GPU
     num_classes = s.num_classes
     if num_classes is None and s.weights is None and not saved:
         if needed == 0:
