@@ -95,7 +95,7 @@ def build_optimizer(family: str, model: torch.nn.Module, lr: float) -> torch.opt
     params = [{"params": ps, "lr": lr * f, "lr_factor": f, "weight_decay": wd} for (f, wd), ps in groups.items()]
     if s.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=s.momentum)
+    return torch.optim.SGD(params, lr=lr, momentum=s.momentum, weight_decay=s.weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, family: str, lr: float, step: int, total: int) -> float:
