@@ -18,12 +18,12 @@ _MAX_VALUES = 1 << 22  # gradient terms per step: taps * C (Tensor[T, C], 16 MB 
 
 
 def _add_taps(grad_table: Tensor, grad: Tensor, idx: Tensor, wts: Tensor, valid: Tensor, bins: Tensor, count: Tensor,
-              grid_host: tuple[list[int], list[int]]) -> None:
+              steps: list[tuple[int, int, int]]) -> None:
     """grad_table[idx[t]] += grad(bins[t]) * wts[t] / count[bins[t]] for every tap t, in order (in place).
 
     grad_table: Tensor[R, C]; grad: Tensor[k, C, Ph, Pw] of a run of k RoIs; idx, wts, valid, bins: Tensor[T] per
     tap, RoI after RoI, the bins numbered r*Ph*Pw + ph*Pw + pw within the run; count: Tensor[k*Ph*Pw] samples per
-    bin; grid_host: each RoI's samples per bin along y and x. One rounding for the product and one for the
+    bin; steps: (first RoI, end RoI, taps) of each step (`_steps`). One rounding for the product and one for the
     division, as torchvision's `grad_output_this_bin * w1 / count`. index_add_ on the CPU adds its rows one after
     the other, so each element of the table receives its terms in tap order. The kernel skips invalid samples;
     here they read a zero gradient row and add +0.0, which changes no sum (a sum started at +0.0 is never -0.0),
@@ -33,10 +33,9 @@ def _add_taps(grad_table: Tensor, grad: Tensor, idx: Tensor, wts: Tensor, valid:
     """
     k, C, Ph, Pw = grad.shape
     PP = Ph * Pw
-    taps = [4 * PP * a * b for a, b in zip(*grid_host)]  # per RoI
     t0 = 0
-    for r0, r1 in adaptive_chunks(*grid_host, (Ph, Pw), max(1, _MAX_VALUES // C)):
-        t1 = t0 + sum(taps[r0:r1])
+    for r0, r1, taps in steps:
+        t1 = t0 + taps
         M = (r1 - r0) * PP
         grad_bins = grad.new_zeros((M + 1, C))  # the bins of RoIs r0..r1-1, channels-last, then a zero row
         grad_bins[:M].view(r1 - r0, Ph, Pw, C).copy_(grad[r0:r1].permute(0, 2, 3, 1))
@@ -45,6 +44,21 @@ def _add_taps(grad_table: Tensor, grad: Tensor, idx: Tensor, wts: Tensor, valid:
         terms.mul_(wts[t0:t1, None]).div_(count[r0 * PP:r1 * PP][b, None])
         grad_table.index_add_(0, idx[t0:t1], terms)
         t0 = t1
+
+
+def _steps(grid_host: tuple[list[int], list[int]] | int, k: int, P: tuple[int, int],
+           C: int) -> list[tuple[int, int, int]]:
+    """`_add_taps`' steps over k RoIs: (first, end, taps) runs of at most _MAX_VALUES // C taps (at least one RoI).
+    grid_host: each RoI's samples per bin along y and x, or g for a fixed g x g grid (then no per-RoI lists:
+    at 1024 RoIs they were ~50 KB of interpreter memory)."""
+    per_bin = 4 * P[0] * P[1]
+    if isinstance(grid_host, int):
+        n = per_bin * grid_host * grid_host
+        step = max(1, _MAX_VALUES // C // n)
+        return [(r, min(k, r + step), (min(k, r + step) - r) * n) for r in range(0, k, step)]
+    gh, gw = grid_host
+    return [(r0, r1, sum(per_bin * a * b for a, b in zip(gh[r0:r1], gw[r0:r1])))
+            for r0, r1 in adaptive_chunks(gh, gw, P, max(1, _MAX_VALUES // C))]
 
 
 def pool_grad(grad: Tensor, rows: int, rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale: Tensor,
@@ -71,7 +85,7 @@ def pool_grad(grad: Tensor, rows: int, rois: Tensor, base: Tensor, height: Tenso
                                          sampling_ratio, aligned)  # (k, Ph, Pw, g*g, 4)
             bins = torch.arange((e - s) * PP, device=device).repeat_interleave(4 * g * g)
             _add_taps(grad_table, grad[s:e], idx.reshape(-1), wts.reshape(-1),
-                      valid[..., None].expand(idx.shape).reshape(-1), bins, count, ([g] * (e - s), [g] * (e - s)))
+                      valid[..., None].expand(idx.shape).reshape(-1), bins, count, _steps(g, e - s, P, C))
     else:
         gh, gw = adaptive_grid(rois, scale, P, aligned)
         gh_host, gw_host = torch.stack((gh, gw)).tolist()
@@ -79,6 +93,7 @@ def pool_grad(grad: Tensor, rows: int, rois: Tensor, base: Tensor, height: Tenso
         for s, e in adaptive_chunks(gh_host, gw_host, P, _MAX_ENTRIES):
             idx, wts, valid, bin_of, _ = adaptive_taps(rois[s:e], base[s:e], height[s:e], width[s:e], scale[s:e], P,
                                                        aligned, (gh[s:e], gw[s:e]), (gh_host[s:e], gw_host[s:e]))
+            steps = _steps((gh_host[s:e], gw_host[s:e]), e - s, P, C)
             _add_taps(grad_table, grad[s:e], idx.reshape(-1), wts.reshape(-1), valid.repeat_interleave(4),
-                      bin_of.repeat_interleave(4), count[s * PP:e * PP], (gh_host[s:e], gw_host[s:e]))
+                      bin_of.repeat_interleave(4), count[s * PP:e * PP], steps)
     return grad_table

@@ -87,14 +87,17 @@ def fixed_taps(rois: Tensor, base: Tensor, height: Tensor, width: Tensor, scale:
     Ph, Pw = P
     y1, x1, bin_h, bin_w, _, _ = roi_geometry(rois, scale, P, aligned)
     dtype, device = y1.dtype, y1.device
-    grid = torch.full((), g, dtype=dtype, device=device)
-    ii = torch.arange(g, dtype=dtype, device=device)
-    py = sample_positions(y1[:, None, None], bin_h[:, None, None], grid,
-                          torch.arange(Ph, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Ph, g)
-    px = sample_positions(x1[:, None, None], bin_w[:, None, None], grid,
-                          torch.arange(Pw, dtype=dtype, device=device)[None, :, None], ii[None, None, :])  # (K, Pw, g)
-    ty = [t[:, :, None, :, None] for t in bilinear_taps(py, height.to(dtype)[:, None, None])]  # (K, Ph, 1, g, 1)
-    tx = [t[:, None, :, None, :] for t in bilinear_taps(px, width.to(dtype)[:, None, None])]  # (K, 1, Pw, 1, g)
+    # both axes in one pass, y then x, over max(Ph, Pw) bins (elementwise: each value as if computed alone):
+    # one set of temporaries, not two, and at 1024 RoIs of 7x7 large enough that malloc maps and unmaps them
+    # instead of leaving ~0.4 MB of touched heap pages resident for the rest of the step
+    Pm = max(Ph, Pw)
+    start, bin_size = torch.stack((y1, x1))[:, :, None, None], torch.stack((bin_h, bin_w))[:, :, None, None]
+    pos = sample_positions(start, bin_size, torch.full((), g, dtype=dtype, device=device),
+                           torch.arange(Pm, dtype=dtype, device=device)[:, None],
+                           torch.arange(g, dtype=dtype, device=device))                 # (2, K, Pm, g)
+    taps = bilinear_taps(pos, torch.stack((height, width)).to(dtype)[:, :, None, None])
+    ty = [t[0, :, :Ph, None, :, None] for t in taps]  # (K, Ph, 1, g, 1)
+    tx = [t[1, :, None, :Pw, None, :] for t in taps]  # (K, 1, Pw, 1, g)
     idx, wts, valid = sample_taps(base[:, None, None, None, None], width[:, None, None, None, None], ty, tx)
     return idx.reshape(K, Ph, Pw, g * g, 4), wts.reshape(K, Ph, Pw, g * g, 4), valid.reshape(K, Ph, Pw, g * g)
 
