@@ -100,10 +100,14 @@ def test_mask_rcnn(name, tmp_path):
 
 def _panoptic_model():
     """A small Panoptic FPN (3 things, 5 semantic classes, 20 proposals, 10 detections, stuff from 800 px), its
-    RoI score threshold between the best scores eager gives a busy and a plain image; with those images."""
+    RoI score threshold between the best scores eager gives a busy and a plain image; with those images. Pixels are
+    divided by detectron2's torchvision-style PIXEL_STD: with detectron2's random init and the MSRA default (std 1)
+    the untrained logits are so large that every foreground probability underflows to 0, and nothing is detected."""
     torch.manual_seed(0)
     model = minseg.create_model("panoptic_fpn_resnet50", num_classes=3, num_sem_seg_classes=5,
-                                fusion=FusionConfig(stuff_area_thresh=800)).eval()
+                                fusion=FusionConfig(stuff_area_thresh=800), pixel_std=(57.375, 57.120, 58.395)).eval()
+    with torch.no_grad():  # detectron2's mask predictor init (std 0.001) leaves every mask probability within
+        model.roi_heads.mask_head.predictor.weight.normal_(std=0.1)  # rounding of the 0.5 threshold
     model.rpn.cfg = replace(model.rpn.cfg, pre_nms_top_n_test=50, post_nms_top_n_test=20)
     busy = {"image": torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(1)) * 255, "height": 90,
             "width": 120}

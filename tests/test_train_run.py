@@ -212,8 +212,8 @@ def test_model_options_from_the_command_line(semantic, tmp_path, capsys, monkeyp
     seen = {}
     monkeypatch.setattr("minseg.training.run.train", lambda s: seen.setdefault("options", s.options))
     assert run_cli("--model", "panoptic_fpn_resnet50", "--data", semantic, "--out", tmp_path / "a",
-                   "--option", "norm=GN", "--option", "freeze_at=0", "--option", "pixel_std=57.5") == 0
-    assert seen["options"] == {"norm": "GN", "freeze_at": 0, "pixel_std": 57.5}
+                   "--option", "norm=GN", "--option", "freeze_at=0", "--option", "sem_seg_loss_weight=0.25") == 0
+    assert seen["options"] == {"norm": "GN", "freeze_at": 0, "sem_seg_loss_weight": 0.25}
     monkeypatch.undo()
     out = tmp_path / "b"
     argv = ("--model", "unet_resnet34", "--data", semantic, "--out", out, "--steps", 1, "--num-classes", 3)
