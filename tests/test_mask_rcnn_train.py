@@ -133,15 +133,21 @@ def test_sampler_matches_torchvision(labels, params, seed):
         assert torch.equal(pos, torch.where(pm)[0]) and torch.equal(neg, torch.where(nm)[0])
 
 
+def random_rois(g: torch.Generator, n: int, corner: float, side: float) -> torch.Tensor:
+    """n RoIs (batch index 0 or 1, x1, y1, x2, y2): top-left corners in [-4, corner - 4), sides in [0, side), so
+    some reach past the 2-image feature maps."""
+    xy = torch.rand(n, 2, generator=g) * corner - 4
+    return torch.cat((torch.randint(0, 2, (n, 1), generator=g).float(), xy, xy + torch.rand(n, 2, generator=g) * side),
+                     dim=1)
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("sampling", [0, 2])
 def test_roi_align_backward(aligned, sampling):
     """Fixed sampling: bitwise torchvision's CPU backward (its accumulation order); adaptive: float32 rounding."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 8, 20, 24, generator=g, requires_grad=True)
-    xy = torch.rand(40, 2, generator=g) * 44 - 4
-    boxes = torch.cat((torch.randint(0, 2, (40, 1), generator=g).float(), xy, xy + torch.rand(40, 2, generator=g) * 20),
-                      dim=1)
+    boxes = random_rois(g, 40, corner=44, side=20)
     grad = torch.randn(40, 8, 7, 7, generator=g)
     expected, = torch.autograd.grad(torchvision.ops.roi_align(x, boxes, (7, 7), 0.5, sampling, aligned), x, grad)
     ours, = torch.autograd.grad(roi_align(x, boxes, (7, 7), 0.5, sampling, aligned), x, grad)
@@ -158,9 +164,7 @@ def test_roi_align_backward_in_steps(monkeypatch, sampling):
 
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 6, 18, 22, generator=g, requires_grad=True)
-    xy = torch.rand(30, 2, generator=g) * 40 - 4
-    boxes = torch.cat((torch.randint(0, 2, (30, 1), generator=g).float(), xy, xy + torch.rand(30, 2, generator=g) * 24),
-                      dim=1)
+    boxes = random_rois(g, 30, corner=40, side=24)
     grad = torch.randn(30, 6, 5, 5, generator=g)
     whole, = torch.autograd.grad(roi_align(x, boxes, (5, 5), 0.5, sampling, True), x, grad)
     monkeypatch.setattr(backward, "_MAX_ENTRIES", 700)  # runs of a few RoIs for the tap geometry

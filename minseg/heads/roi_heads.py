@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from minseg.heads.matching import BalancedSampler, Matcher
 from minseg.heads.rpn import box_regression_loss
 from minseg.ops.boxes import batched_nms, box_iou, clip_boxes_to_image
-from minseg.ops.layers import make_norm
+from minseg.ops.layers import c2_msra_fill, make_norm
 from minseg.ops.poolers import MultiScaleRoIAlign, shared_feature_tables
 from minseg.ops.roi_align import roi_align
 
@@ -75,11 +75,9 @@ class BoxHead(nn.Module):
         self.conv = nn.ModuleList(conv_norm_relu(C, C, cfg.norm, cfg.norm_eps) for _ in range(cfg.box_convs))
         dims = [C * 7 * 7] + [cfg.fc_dim] * cfg.box_fcs
         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        for m in self.conv.modules():  # torchvision's FastRCNNConvFCHead init
+        for m in self.conv.modules():  # torchvision's FastRCNNConvFCHead init (detectron2's c2_msra_fill)
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                c2_msra_fill(m)
 
     def forward(self, x: Tensor) -> Tensor:
         for conv in self.conv:

@@ -43,7 +43,7 @@ from minseg.models.mask_rcnn import check_targets
 from minseg.necks.fpn import FPN, FPNConfig
 from minseg.ops.anchors import DefaultAnchorGenerator
 from minseg.ops.box_coders import Box2BoxTransform
-from minseg.ops.layers import FrozenBatchNorm2d
+from minseg.ops.layers import FrozenBatchNorm2d, c2_msra_fill, c2_xavier_fill
 from minseg.ops.masks import paste_masks_detectron2
 from minseg.ops.poolers import MultiScaleRoIAlign, assign_levels_detectron2
 
@@ -231,20 +231,6 @@ def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
     for k in ("weight", "bias", "running_mean", "running_var"):
         getattr(frozen, k).copy_(getattr(bn, k).detach())
     return frozen
-
-
-def c2_msra_fill(m: nn.Module) -> None:
-    """fvcore nn/weight_init.py c2_msra_fill (Caffe2's MSRAFill): kaiming normal, fan_out, ReLU gain; bias 0."""
-    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
-
-
-def c2_xavier_fill(m: nn.Module) -> None:
-    """fvcore nn/weight_init.py c2_xavier_fill (Caffe2's XavierFill): kaiming uniform with a=1; bias 0."""
-    nn.init.kaiming_uniform_(m.weight, a=1)
-    if m.bias is not None:
-        nn.init.zeros_(m.bias)
 
 
 def normal_fill(m: nn.Module, std: float) -> None:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minseg.ops.layers import make_norm
+from minseg.ops.layers import c2_xavier_fill, make_norm
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,7 @@ class FPN(nn.Module):
         self.output = nn.ModuleList(conv_norm(cfg.out_channels, cfg.out_channels, 3, cfg) for _ in cfg.in_channels)
         for m in self.modules():  # both originals: kaiming_uniform(a=1), zero bias (detectron2's c2_xavier_fill)
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                c2_xavier_fill(m)
 
     def forward(self, c: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         first = 6 - len(self.cfg.in_channels)  # c2 when four stages come in

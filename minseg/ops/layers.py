@@ -88,3 +88,17 @@ class ConvNormAct(nn.Sequential):
         if act:
             layers.append(nn.ReLU(inplace=True))
         super().__init__(*layers)
+
+
+def c2_msra_fill(m: nn.Module) -> None:
+    """fvcore nn/weight_init.py c2_msra_fill (Caffe2's MSRAFill): kaiming normal, fan_out, ReLU gain; bias 0."""
+    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
+def c2_xavier_fill(m: nn.Module) -> None:
+    """fvcore nn/weight_init.py c2_xavier_fill (Caffe2's XavierFill): kaiming uniform with a=1; bias 0."""
+    nn.init.kaiming_uniform_(m.weight, a=1)
+    if m.bias is not None:
+        nn.init.zeros_(m.bias)
