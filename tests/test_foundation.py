@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import minseg
 from minseg.backbones.resnet import resnet
 from minseg.necks.aspp import ASPP
-from minseg.ops.layers import FrozenBatchNorm2d
+from minseg.ops.layers import FrozenBatchNorm2d, MaxPool2d
 from minseg.weights import load_weights, save_weights
 
 
@@ -110,6 +110,33 @@ def test_frozen_batch_norm_arithmetics_agree():
         frozen = FrozenBatchNorm2d(6, arithmetic=arithmetic)
         frozen.load_state_dict(bn.state_dict())  # num_batches_tracked is accepted and ignored
         torch.testing.assert_close(frozen(x), bn(x), rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(h=st.integers(1, 19), w=st.integers(1, 19), ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_max_pool_without_indices_equals_nn_max_pool(h, w, ties, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, h, w, generator=g)
+    if ties:  # many equal maxima in a window: the recomputed argmax must pick the forward's
+        x = x.round().relu()
+    grad = torch.randn(2, 3, (h - 1) // 2 + 1, (w - 1) // 2 + 1, generator=g)
+    results = []
+    for pool in (torch.nn.MaxPool2d(3, 2, 1), MaxPool2d(3, 2, 1)):
+        xi = x.clone().requires_grad_()
+        y = pool(xi)
+        y.backward(grad)
+        results.append((y, xi.grad))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_max_pool_saves_no_index_tensor():
+    x = torch.randn(1, 4, 16, 16).relu().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        MaxPool2d(3, 2, 1)(x)
+    assert [t.dtype for t in saved] == [torch.float32] and saved[0].data_ptr() == x.data_ptr()
+    with torch.no_grad():
+        torch.testing.assert_close(MaxPool2d(3, 2, 1)(x), F.max_pool2d(x, 3, 2, 1), rtol=0, atol=0)
 
 
 def test_registry_errors():

