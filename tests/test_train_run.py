@@ -19,6 +19,7 @@ from minseg.cli import main
 from minseg.data import open_dataset
 from minseg.data import transforms as T
 from minseg.data.coco import mask_boxes
+from minseg.training import adapters
 from minseg.training.run import Settings, train
 from minseg_ref.tiny_data import write_coco_instances, write_coco_panoptic, write_semantic
 
@@ -167,6 +168,34 @@ def test_bad_data_exits_2_and_leaves_out_untouched(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(named) in err[0], err
     assert not out.exists()
+
+
+def test_images_without_objects_are_left_out_as_each_original_does(tmp_path, capsys):
+    """Each original filters its training set (adapters.trains_on): torchvision leaves out an image without annotations
+    or whose boxes are all at most 1 pixel on a side, detectron2 one with crowds only, YOLACT only one without any
+    annotation. A set with nothing left to train on exits 2, --out untouched."""
+    data = write_coco_instances(tmp_path / "ins", n=4)
+    coco = json.loads((data / "annotations.json").read_text())
+    by_image = {i: [a for a in coco["annotations"] if a["image_id"] == i] for i in (1, 2, 3, 4)}
+    thin = {**by_image[3][0], "bbox": [5.0, 5.0, 1.0, 20.0]}
+    coco["annotations"] = [a for a in by_image[1] if a["iscrowd"]] + [thin] + by_image[4]  # image 2: none at all
+    (data / "annotations.json").write_text(json.dumps(coco))
+    dataset = open_dataset(data)
+    kept = {family: [dataset.ids[i] for i in range(len(dataset)) if adapters.trains_on(family, dataset.objects(i))]
+            for family in ("maskrcnn", "panoptic_fpn", "yolact", "semantic")}
+    assert kept == {"maskrcnn": [1, 4], "panoptic_fpn": [3, 4], "yolact": [1, 3, 4], "semantic": [1, 2, 3, 4]}
+
+    assert run_cli("--model", "maskrcnn_resnet50_fpn", "--data", data, "--out", tmp_path / "a", "--steps", 1,
+                   "--batch-size", 1, "--image-size", 64) == 0
+    assert "on 2 images (instances, 2 without objects left out as the original's)" in capsys.readouterr().err
+
+    coco["annotations"] = []
+    (data / "annotations.json").write_text(json.dumps(coco))
+    assert run_cli("--model", "yolact_resnet50", "--data", data, "--out", tmp_path / "b", "--steps", 1,
+                   "--image-size", 64) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of its 4 images holds an object" in err[0], err
+    assert not (tmp_path / "b").exists()
 
 
 def test_transforms_move_targets_with_images(tmp_path):

@@ -86,6 +86,10 @@ class CocoInstances:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def objects(self, i: int) -> list[dict]:
+        """Item i's annotations as the json holds them ("bbox" xywh, "iscrowd", ...), read without its pixels."""
+        return self.annotations[self.ids[i]]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict, dict]:
         entry = self.images[self.ids[i]]
         path = self.image_folder / entry["file_name"]
@@ -158,6 +162,10 @@ class CocoPanoptic:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def objects(self, i: int) -> list[dict]:
+        """Item i's thing segments (its target's instances) as the json holds them, read without its pixels."""
+        return [s for s in self.annotations[self.ids[i]]["segments_info"] if self.isthing[s["category_id"]]]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict, dict]:
         entry = self.images[self.ids[i]]

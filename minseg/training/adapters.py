@@ -53,6 +53,24 @@ def classes_needed(family: str, categories: list[dict]) -> int:
     return len(things) + (family == "yolact")
 
 
+def trains_on(family: str, objects: list[dict]) -> bool:
+    """Whether an image with these COCO annotations (CocoInstances / CocoPanoptic .objects) joins the training set,
+    by the filter each original applies to its own:
+      maskrcnn_*      an annotation, crowds included, whose box is over 1 pixel both ways (torchvision's
+                      references/detection/coco_utils.py, _coco_remove_images_without_annotations)
+      panoptic_fpn_*  a thing that is not a crowd (detectron2 data/build.py, filter_images_with_only_crowd_annotations
+                      under DATALOADER.FILTER_EMPTY_ANNOTATIONS, its default)
+      yolact_*        any annotation (its data/coco.py trains on coco.imgToAnns's image ids)
+    The semantic families train on every image."""
+    if family == "maskrcnn":
+        return any(o["bbox"][2] > 1 and o["bbox"][3] > 1 for o in objects)
+    if family == "panoptic_fpn":
+        return any(not o.get("iscrowd", 0) for o in objects)
+    if family == "yolact":
+        return len(objects) > 0
+    return True
+
+
 @dataclass
 class Recipe:
     """image_size: the recipe's base size (segmentation base / crop, U-Net crop, YOLACT's square); 0: none."""

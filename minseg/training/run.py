@@ -174,6 +174,12 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
     size = model.cfg.max_size if family == "yolact" else s.image_size or DEFAULT_IMAGE_SIZE[family]
     recipe = adapters.Recipe(family, label_map(s.model, dataset.categories), C, s.augment, size)
     check_samples(dataset, world)
+    images = len(dataset)
+    if family not in ("semantic", "unet"):  # as the original's training set: images without an object left out
+        kept = [i for i in range(images) if adapters.trains_on(family, dataset.objects(i))]
+        dataset = torch.utils.data.Subset(dataset, kept)
+        if not dataset:
+            raise ValueError(f"{s.data}: none of its {images} images holds an object {s.model} trains on")
 
     # 2. model, optimiser, data order
     model.to(world.device).train()
@@ -196,7 +202,7 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
                                  seed=s.seed, drop_last=True)
     per_epoch = len(sampler) // s.batch_size
     if per_epoch == 0:
-        raise ValueError(f"{s.data}: {len(dataset)} images, fewer than one batch of {global_batch}")
+        raise ValueError(f"{s.data}: {len(dataset)} images to train on, fewer than one batch of {global_batch}")
     total = s.steps or (s.epochs or DEFAULT_EPOCHS[family]) * per_epoch
     step = 0
     if saved:
@@ -211,8 +217,10 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
               "overrides": overrides, "lr": lr, "image_size": size}
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"minseg train: {s.model} on {len(dataset)} images ({dataset.kind}), {world.size} process(es) x "
-              f"batch {s.batch_size}, {total} steps ({per_epoch} per epoch), lr {lr:g}, from step {step}",
+        left_out = images - len(dataset)
+        print(f"minseg train: {s.model} on {len(dataset)} images ({adapters.DATASET_KIND[family]}"
+              + (f", {left_out} without objects left out as the original's" if left_out else "")
+              + f"), {world.size} process(es) x batch {s.batch_size}, {total} steps ({per_epoch} per epoch), lr {lr:g}, from step {step}",
               file=sys.stderr)
     saved_at = step
 
