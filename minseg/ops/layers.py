@@ -92,7 +92,8 @@ class _MaxPoolRecomputingIndices(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (x,), (k, s, p) = ctx.saved_tensors, ctx.window
         _, indices = F.max_pool2d(x, k, s, p, return_indices=True)  # the forward's argmax: same input, same op
-        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [k, k], [s, s], [p, p], [1, 1], False, indices)
+        grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, [k, k], [s, s], [p, p], [1, 1], False,
+                                                                 indices)  # autograd's own call for nn.MaxPool2d
         return grad_x, None, None, None
 
 

@@ -217,11 +217,11 @@ def train(s: Settings, *, stop_after: int | None = None) -> Path:
               "overrides": overrides, "lr": lr, "image_size": size}
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        left_out = images - len(dataset)
-        print(f"minseg train: {s.model} on {len(dataset)} images ({adapters.DATASET_KIND[family]}"
-              + (f", {left_out} without objects left out as the original's" if left_out else "")
-              + f"), {world.size} process(es) x batch {s.batch_size}, {total} steps ({per_epoch} per epoch), lr {lr:g}, from step {step}",
-              file=sys.stderr)
+        dropped = images - len(dataset)
+        left_out = f", {dropped} without objects left out as the original's" if dropped else ""
+        print(f"minseg train: {s.model} on {len(dataset)} images ({adapters.DATASET_KIND[family]}{left_out}), "
+              f"{world.size} process(es) x batch {s.batch_size}, {total} steps ({per_epoch} per epoch), lr {lr:g}, "
+              f"from step {step}", file=sys.stderr)
     saved_at = step
 
     def save(at: int) -> None:
