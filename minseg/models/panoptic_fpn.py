@@ -219,18 +219,10 @@ def freeze_stages(backbone: ResNet, freeze_at: int) -> None:
     for name, m in list(backbone.named_modules()):
         if isinstance(m, nn.BatchNorm2d) and (name + ".").startswith(frozen):
             parent, _, child = name.rpartition(".")
-            setattr(backbone.get_submodule(parent), child, frozen_batch_norm(m))
+            setattr(backbone.get_submodule(parent), child, FrozenBatchNorm2d.from_batch_norm(m, "batch_norm"))
     for name, p in backbone.named_parameters():
         if name.startswith(frozen):
             p.requires_grad_(False)
-
-
-def frozen_batch_norm(bn: nn.BatchNorm2d) -> FrozenBatchNorm2d:
-    """detectron2 FrozenBatchNorm2d.convert_frozen_batchnorm for one BatchNorm2d: its affine and statistics."""
-    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps, arithmetic="batch_norm")
-    for k in ("weight", "bias", "running_mean", "running_var"):
-        getattr(frozen, k).copy_(getattr(bn, k).detach())
-    return frozen
 
 
 def normal_fill(m: nn.Module, std: float) -> None:

@@ -27,6 +27,15 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
 
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, arithmetic: str = "affine") -> FrozenBatchNorm2d:
+        """A BatchNorm2d frozen where it stands: its affine and running statistics (detectron2's
+        FrozenBatchNorm2d.convert_frozen_batchnorm, for one module)."""
+        frozen = cls(bn.num_features, eps=bn.eps, arithmetic=arithmetic)
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            getattr(frozen, k).copy_(getattr(bn, k).detach())
+        return frozen
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # kept: checkpoints written from nn.BatchNorm2d carry this counter; a frozen norm has no use for it
         state_dict.pop(prefix + "num_batches_tracked", None)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -75,12 +76,11 @@ def default_lr(family: str, global_batch: int) -> float:
     return s.lr * global_batch / s.batch
 
 
-nn = torch.nn
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm1d,
          nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm)  # detectron2's norm_module_types
 
 
-def build_optimizer(family: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(family: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The family's optimiser over the parameters that train (requires_grad), grouped by lr factor and weight
     decay (detectron2's get_default_optimizer_params gives norm layers SOLVER.WEIGHT_DECAY_NORM); each group
     remembers its factor as "lr_factor" so that set_lr can apply the schedule."""
